@@ -1,0 +1,5 @@
+import sys
+
+from mftcoder.cli import main
+
+sys.exit(main())

@@ -1,0 +1,92 @@
+"""Console entry: `mftcoder train | validate | merge`. A thin shell over plain functions.
+
+Only mftcoder's own errors are caught and printed as one message (on the main process); any other
+exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from mftcoder.errors import MFTCoderError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="train config (YAML or JSON)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, values parsed as YAML")
+    parser.add_argument(
+        "--mftcoder-config", action="store_true", help="read CONFIG as an MFTCoder v0.5 train config"
+    )
+
+
+def _load(args):
+    from mftcoder.config import load_config
+
+    return load_config(args.config, args.overrides, mftcoder=True if args.mftcoder_config else None)
+
+
+def cmd_validate(args) -> int:
+    from mftcoder.config import dump_config
+
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from mftcoder.training.trainer import train
+
+    train(_load(args))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from mftcoder.merge import merge_adapter
+
+    merge_adapter(args.adapter, args.output, base=args.base, dtype=args.dtype)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mftcoder", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune (run under `accelerate launch` for several processes)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("validate", help="print the resolved config, or every problem in it")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model")
+    p.add_argument("--adapter", required=True, help="adapter directory (e.g. OUTPUT_DIR/final)")
+    p.add_argument("--output", required=True, help="directory for the merged model")
+    p.add_argument("--base", help="base model (default: the adapter's recorded base)")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
+        help="dtype of the merged weights (default: the base model's)",
+    )
+    p.set_defaults(func=cmd_merge)
+    return parser
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MFTCoderError as err:
+        if _is_main_process():
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

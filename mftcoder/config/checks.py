@@ -1,0 +1,130 @@
+"""Rules that involve several fields or the file system, run before any model or data loads."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+from pathlib import Path
+
+from mftcoder.config.schema import TrainConfig
+from mftcoder.data.tasks import task_files, task_name
+from mftcoder.errors import Issue
+from mftcoder.models.resolve import locate_model
+
+# Values the schema knows (MFTCoder configs use them) whose implementation has not landed yet.
+NOT_AVAILABLE_YET = {
+    ("padding_mode", "pack"): "packing is not available yet; use padding_mode: padding",
+    ("padding_mode", "concat"): "concat (stream chunking) is not available yet; use padding_mode: padding",
+    ("peft_type", "qlora"): "QLoRA is not available yet; use peft_type: lora",
+    ("weighted_loss_mode", "focal"): "focal balancing is not available yet; use case1..case4",
+    ("weighted_loss_mode", "self_paced"): "self-paced balancing is not available yet; use case1..case4",
+    ("weighted_loss_mode", "coba"): "CoBa balancing is not available yet; use case1..case4",
+}
+
+
+def _unavailable(config: TrainConfig) -> list[Issue]:
+    issues = [
+        Issue(field, message)
+        for (field, value), message in NOT_AVAILABLE_YET.items()
+        if getattr(config, field) == value
+    ]
+    if config.resume_from_checkpoint is not None:
+        issues.append(Issue("resume_from_checkpoint", "resuming is not available yet; leave it null"))
+    return issues
+
+
+def _data_issues(config: TrainConfig) -> list[Issue]:
+    issues = []
+    for i, entry in enumerate(config.data_paths):
+        path = Path(entry).expanduser()
+        if not path.exists():
+            issues.append(Issue(f"data_paths.{i}", f"no such file or directory: {entry}"))
+        elif not task_files(path):
+            issues.append(Issue(f"data_paths.{i}", f"{entry} holds no *.jsonl or *.json file"))
+    names = Counter(task_name(entry) for entry in config.data_paths)
+    for name, count in names.items():
+        if count > 1:
+            issues.append(
+                Issue("data_paths", f"{count} entries give the task name '{name}'; task names must be unique")
+            )
+    if config.task_weights is not None and len(config.task_weights) != len(config.data_paths):
+        issues.append(
+            Issue(
+                "task_weights",
+                f"{len(config.task_weights)} weights for {len(config.data_paths)} tasks; give one per data_paths entry",
+            )
+        )
+    return issues
+
+
+def _model_issues(config: TrainConfig) -> list[Issue]:
+    issues = []
+    model_dir, problem = locate_model(config.pretrained_model_path)
+    if problem:
+        issues.append(Issue("pretrained_model_path", problem))
+    elif model_dir is not None and not (model_dir / "config.json").is_file():
+        issues.append(Issue("pretrained_model_path", f"{model_dir} has no config.json"))
+    if config.tokenizer_path is not None:
+        _, problem = locate_model(config.tokenizer_path)
+        if problem:
+            issues.append(Issue("tokenizer_path", problem))
+    if config.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        issues.append(
+            Issue(
+                "attn_implementation",
+                "flash_attention_2 needs the flash-attn package (CUDA only); install it or use auto/sdpa",
+            )
+        )
+    return issues
+
+
+def _schedule_issues(config: TrainConfig) -> list[Issue]:
+    issues = []
+    if config.min_lr > config.learning_rate:
+        issues.append(
+            Issue("min_lr", f"min_lr {config.min_lr:g} exceeds learning_rate {config.learning_rate:g}")
+        )
+    if config.valid_fraction == 0:
+        if config.early_stopping:
+            issues.append(
+                Issue("early_stopping", "needs a validation split; set data_split (e.g. [0.98, 0.02]) or early_stopping: false")
+            )
+        if config.evaluation_steps is not None:
+            issues.append(
+                Issue("evaluation_steps", "needs a validation split; set data_split or evaluation_steps: null")
+            )
+    return issues
+
+
+def _output_issues(config: TrainConfig) -> list[Issue]:
+    out = Path(config.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        return [Issue("output_dir", f"{config.output_dir} is a file")]
+    return []
+
+
+def cross_field_issues(config: TrainConfig) -> list[Issue]:
+    return (
+        _unavailable(config)
+        + _data_issues(config)
+        + _model_issues(config)
+        + _schedule_issues(config)
+        + _output_issues(config)
+    )
+
+
+def absolute_paths(config: TrainConfig) -> TrainConfig:
+    """The config with local paths made absolute, so the saved copy runs from any directory."""
+
+    def local(p: str) -> str:
+        path = Path(p).expanduser()
+        return str(path.resolve()) if path.exists() else p
+
+    return config.model_copy(
+        update={
+            "data_paths": [local(p) for p in config.data_paths],
+            "output_dir": str(Path(config.output_dir).expanduser().resolve()),
+            "pretrained_model_path": local(config.pretrained_model_path),
+            "tokenizer_path": local(config.tokenizer_path) if config.tokenizer_path else None,
+        }
+    )

@@ -1,0 +1,62 @@
+"""AdamW and the learning-rate schedule, both defined in optimizer steps."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from mftcoder.config.schema import TrainConfig
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """Weight decay on matrices only: biases and norm weights (1-D) are not decayed."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(
+        groups,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+    )
+
+
+def warmup_steps(num_warmup_steps: float, total_steps: int) -> tuple[int, str]:
+    """Warm-up in steps (a fraction < 1 is of the run), clipped to the run with a warning."""
+    steps = round(num_warmup_steps * total_steps) if num_warmup_steps < 1 else int(num_warmup_steps)
+    if steps > total_steps:
+        return total_steps, f"num_warmup_steps {steps} is longer than the run ({total_steps} steps); clipped"
+    return steps, ""
+
+
+def lr_at(step: int, *, peak: float, min_lr: float, warmup: int, total: int, kind: str) -> float:
+    """Learning rate of the update made at optimizer step `step` (0-based).
+
+    Linear warm-up from peak/warmup to peak over `warmup` updates, then a decay from peak towards the
+    `min_lr` floor over the remaining updates (cosine, linear) or none (constant).
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if kind == "constant":
+        return peak
+    progress = (step - warmup) / max(1, total - warmup)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
+    return min_lr + (peak - min_lr) * max(0.0, shape)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int, warmup: int) -> LambdaLR:
+    peak = config.learning_rate
+
+    def factor(step: int) -> float:
+        if peak == 0:
+            return 0.0
+        rate = lr_at(step, peak=peak, min_lr=config.min_lr, warmup=warmup, total=total_steps, kind=config.lr_scheduler_type)
+        return rate / peak
+
+    return LambdaLR(optimizer, factor)

@@ -1,0 +1,107 @@
+"""Shared fixtures. Nothing may reach the network: the hub is offline for every test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Two cores: one thread per process keeps in-process runs and 2-process launches from thrashing.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "assets" / "demo"
+DEMO_MODEL = DEMO / "model"
+DEMO_TASKS = ("code_completion", "text_to_code", "unit_test_generation")
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(DEMO_MODEL)
+
+
+def write_subset(target: Path, records_per_task: int) -> list[str]:
+    """The first records of each demo task, one directory per task; returns the data_paths."""
+    paths = []
+    for task in DEMO_TASKS:
+        source = DEMO / "data" / task / f"{task}.jsonl"
+        lines = source.read_text(encoding="utf-8").splitlines()[:records_per_task]
+        directory = target / task
+        directory.mkdir(parents=True)
+        (directory / f"{task}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        paths.append(str(directory))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> list[str]:
+    """40 records per demo task (36 train / 4 valid with the tiny config's split)."""
+    return write_subset(tmp_path_factory.mktemp("data"), 40)
+
+
+@pytest.fixture
+def tiny_config(small_data, tmp_path):
+    """A factory of validated configs for short in-process runs of the demo model."""
+    from mftcoder.config import validate_mapping
+
+    def make(**overrides):
+        raw = {
+            "pretrained_model_path": str(DEMO_MODEL),
+            "model_init": "from_config",
+            "data_paths": small_data,
+            "data_split": [0.9, 0.1],
+            "seq_length": 512,
+            "output_dir": str(tmp_path / "out"),
+            "peft_type": "lora",
+            "lora_rank": 8,
+            "lora_alpha": 16,
+            "lora_dropout": 0.0,
+            "per_device_train_batch_size": 4,
+            "per_device_eval_batch_size": 8,
+            "learning_rate": 5e-3,
+            "num_warmup_steps": 0,
+            "num_train_epochs": 1,
+            "log_interval": 1,
+            "evaluation_steps": None,
+            "checkpointing_steps": None,
+            "early_stopping": False,
+            "seed": 7,
+        }
+        raw.update(overrides)
+        return validate_mapping(raw)
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps process-global state that a second in-process run would inherit; tests that
+    train several times in one process reset it (a fixture may touch library internals, the product
+    never does)."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,179 @@
+"""End-to-end runs of the tiny demo model in one process."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mftcoder.config import load_config
+from mftcoder.data.records import read_records
+from mftcoder.data.template import tokenize_conversations
+from mftcoder.errors import ConfigError
+from mftcoder.models.loading import chat_format
+from mftcoder.training.trainer import train
+
+from conftest import read_metrics
+
+pytestmark = pytest.mark.e2e
+
+TRAIN_KEYS = {"step", "epoch", "split", "loss", "lr", "grad_norm", "task_loss", "tokens", "train_seconds", "tokens_per_s"}
+TASKS = {"code_completion", "text_to_code", "unit_test_generation"}
+
+
+def first_and_last_task_losses(output_dir):
+    train_lines = [m for m in read_metrics(output_dir) if m["split"] == "train"]
+    return train_lines[0]["task_loss"], train_lines[-1]["task_loss"]
+
+
+def test_lora_run_learns_every_task_and_writes_a_self_describing_output_dir(tiny_config):
+    config = tiny_config(
+        num_train_epochs=2, log_interval=9, evaluation_steps=20, checkpointing_steps=20,
+        lora_modules_to_save=["embed_tokens", "lm_head"],
+    )
+    result = train(config)
+    out = result.output_dir
+
+    first, last = first_and_last_task_losses(out)
+    assert set(first) == set(last) == TASKS
+    for task in TASKS:
+        assert last[task] < first[task] - 0.5, (task, first[task], last[task])
+
+    # metrics contract
+    lines = read_metrics(out)
+    train_lines = [m for m in lines if m["split"] == "train"]
+    valid_lines = [m for m in lines if m["split"] == "valid"]
+    assert all(TRAIN_KEYS <= set(m) for m in train_lines)
+    assert [m["step"] for m in train_lines] == [9, 18, 27, 36, 45, 54]
+    assert train_lines[-1]["tokens"] > train_lines[0]["tokens"] > 0
+    assert [m["step"] for m in valid_lines] == [20, 40, 54]  # every 20 steps, and always at the end
+    assert set(valid_lines[-1]["task_loss"]) == TASKS
+    assert result.steps == 54
+
+    # the resolved config runs again as it is
+    assert load_config(out / "config.yaml") == config
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 1 and run["distributed_type"] == "NO" and run["mixed_precision"] == "no"
+    assert run["versions"]["transformers"]
+    report = json.loads((out / "logs" / "data_report.json").read_text())
+    assert set(report) == TASKS and all(r["train_samples"] == 36 for r in report.values())
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+
+    # checkpoints: step-20 and step-40, `latest` names the newest
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-40"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-20", "step-40"]
+
+    # final/ is a PEFT adapter on the saved initial weights, loadable by plain HF/PEFT calls
+    adapter_config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(out / "base_model")
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    model = PeftModel.from_pretrained(base, out / "final")
+    saved = load_file(out / "final" / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())
+
+    # the saved chat template renders exactly what was trained on
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    records = read_records(config.data_paths[0])[:3]
+    trained = tokenize_conversations(tokenizer, chat_format(config, tokenizer), [r.messages for r in records])
+    for record, (ids, _) in zip(records, trained):
+        assert list(tokenizer.apply_chat_template(record.messages, tokenize=True, return_dict=False)) == ids.tolist()
+    with torch.no_grad():
+        logits = model(torch.tensor([trained[0][0][:20].tolist()])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_full_fine_tuning_learns_every_task(tiny_config):
+    result = train(tiny_config(peft_type=None, learning_rate=2e-3, num_train_epochs=2, log_interval=9))
+    first, last = first_and_last_task_losses(result.output_dir)
+    for task in TASKS:
+        assert last[task] < first[task] - 0.5, (task, first[task], last[task])
+    final = result.final_dir
+    assert (final / "model.safetensors").exists() and not (final / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(final)
+    initial = AutoModelForCausalLM.from_pretrained(result.output_dir / "base_model")
+    assert not torch.equal(model.lm_head.weight, initial.lm_head.weight)
+
+
+def final_weights(final_dir):
+    name = "adapter_model.safetensors" if (final_dir / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(final_dir / name)
+
+
+@pytest.mark.parametrize("mode", ["case1", "case2", "case3", "case4"])
+def test_accumulation_equals_a_larger_batch(tiny_config, tmp_path, mode):
+    """GA=4 x bs=1 and GA=1 x bs=4 make the same optimizer steps.
+
+    A large adam_epsilon keeps Adam's update proportional to the gradient: with the default, a
+    gradient of ~1e-9 (a rare token's head row) turns float noise of the batch shape into an update
+    of ~lr * sign(g), which would hide what this test checks.
+    """
+    common = dict(
+        max_train_steps=2, weighted_loss_mode=mode, learning_rate=1e-2, adam_epsilon=1e-3,
+        lora_modules_to_save=["lm_head"],
+    )
+    accumulated = train(tiny_config(per_device_train_batch_size=1, gradient_accumulation_steps=4, output_dir=str(tmp_path / "ga"), **common))
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    batched = train(tiny_config(per_device_train_batch_size=4, gradient_accumulation_steps=1, output_dir=str(tmp_path / "bs"), **common))
+    a, b = final_weights(accumulated.final_dir), final_weights(batched.final_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    la = [m["loss"] for m in read_metrics(accumulated.output_dir) if m["split"] == "train"]
+    lb = [m["loss"] for m in read_metrics(batched.output_dir) if m["split"] == "train"]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_used_output_dir_is_refused_and_left_untouched(tiny_config):
+    config = tiny_config(max_train_steps=1)
+    train(config)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    out = config.output_dir
+    before = {p: p.stat().st_mtime_ns for p in sorted(__import__("pathlib").Path(out).rglob("*"))}
+    with pytest.raises(ConfigError, match="overwrite_output_dir=true"):
+        train(config)
+    after = {p: p.stat().st_mtime_ns for p in sorted(__import__("pathlib").Path(out).rglob("*"))}
+    assert before == after
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    (config_out := __import__("pathlib").Path(out))
+    (config_out / "my_notes.txt").write_text("keep me")
+    result = train(config.model_copy(update={"overwrite_output_dir": True, "max_train_steps": 2}))
+    assert result.steps == 2 and (config_out / "my_notes.txt").read_text() == "keep me"
+    assert [m["step"] for m in read_metrics(config_out) if m["split"] == "train"] == [1, 2]
+
+
+def test_early_stopping_and_checkpoint_rotation(tiny_config):
+    # learning_rate 0: the validation loss never improves after the first evaluation
+    config = tiny_config(
+        learning_rate=0, evaluation_steps=2, early_stopping=True, early_stopping_stall_num=2,
+        checkpointing_steps=1, saving_limit=2,
+    )
+    result = train(config)
+    assert result.steps == 6  # evaluations at 2 (best), 4 and 6 (two stalls)
+    assert result.progress.best_step == 2
+    checkpoints = result.output_dir / "checkpoints"
+    # two kept: the best (step 2) is never rotated away, the newest (step 6) neither
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-2", "step-6"]
+    assert (checkpoints / "latest").read_text().strip() == "step-6"
+
+
+def test_new_special_tokens_train_embeddings_and_head(tiny_config):
+    markers = {"system": "<|sys|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
+    config = tiny_config(max_train_steps=2, role_markers=markers, new_special_tokens=["<|sys|>", "<|user|>", "<|assistant|>"])
+    result = train(config)
+    tokenizer = AutoTokenizer.from_pretrained(result.final_dir)
+    assert tokenizer.convert_tokens_to_ids("<|assistant|>") >= 1294
+    saved = load_file(result.final_dir / "adapter_model.safetensors")
+    embed = [v for k, v in saved.items() if "embed_tokens" in k]
+    assert embed and embed[0].shape[0] == len(tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(result.output_dir / "base_model")
+    assert base.get_input_embeddings().num_embeddings == len(tokenizer)
