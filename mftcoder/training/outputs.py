@@ -1,7 +1,7 @@
 """The output directory: refusing to clobber an earlier run, and atomic, self-describing saves.
 
     <output_dir>/config.yaml  run.json  base_model/  checkpoints/step-<N>/  checkpoints/latest
-                 final/  logs/
+                 final/  logs/  (merged/, when `mftcoder merge` is pointed there)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mftcoder.errors import ConfigError, Issue
 
-RUN_ARTEFACTS = ("config.yaml", "run.json", "base_model", "checkpoints", "final", "best", "logs")
+RUN_ARTEFACTS = ("config.yaml", "run.json", "base_model", "checkpoints", "final", "best", "merged", "logs")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
