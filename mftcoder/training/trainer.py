@@ -74,9 +74,7 @@ class Trainer:
         self.checkpoints = self.out / "checkpoints"
 
     # --- setup -----------------------------------------------------------------------------
-    def _prepare_output_dir(self, info: dict) -> None:
-        stale = outputs.check_output_dir(self.out, self.config.overwrite_output_dir)
-        self.accelerator.wait_for_everyone()
+    def _prepare_output_dir(self, info: dict, stale: list[str]) -> None:
         if self.main:
             if stale:
                 self.accelerator.print(f"overwrite_output_dir: removing {', '.join(stale)} from {self.out}")
@@ -205,7 +203,9 @@ class Trainer:
     def train(self) -> TrainResult:
         acc, config = self.accelerator, self.config
         info = run_info(acc, config)
-        self._prepare_output_dir(info)
+        # Refuse a used output directory before anything is written; write nothing until the data
+        # has loaded, so that a bad record leaves no half-started run behind.
+        stale = outputs.check_output_dir(self.out, config.overwrite_output_dir)
         acc.print(
             f"mftcoder: world_size={info['world_size']} distributed={info['distributed_type']} "
             f"mixed_precision={info['mixed_precision']} gradient_accumulation={config.gradient_accumulation_steps} "
@@ -215,6 +215,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(config)
         self.pad_id = self.tokenizer.pad_token_id
         self.data = build_datasets(config, self.tokenizer, chat_format(config, self.tokenizer))
+        acc.wait_for_everyone()  # every rank has checked the output directory before it changes
+        self._prepare_output_dir(info, stale)
         if self.main:
             outputs.write_json(self.logs / "data_report.json", self.data.report_dict())
             _print_data_report(acc, self.data)
