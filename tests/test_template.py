@@ -55,7 +55,7 @@ def test_multi_round_mask_token_by_token(demo_tokenizer, chat):
 
 def test_eos_stays_a_target_when_pad_is_eos(demo_tokenizer, chat):
     """The mask comes from text spans, so pad := EOS cannot hide the EOS targets."""
-    assert demo_tokenizer.pad_token is None  # the demo tokenizer has none; training sets pad := EOS
+    demo_tokenizer.pad_token = demo_tokenizer.eos_token  # what training does for a tokenizer without pad
     (ids, mask), = tokenize_conversations(demo_tokenizer, chat, [CONVERSATION])
     eos_positions = np.flatnonzero(ids == demo_tokenizer.eos_token_id)
     assert len(eos_positions) == 2 and mask[eos_positions].tolist() == [1, 1]

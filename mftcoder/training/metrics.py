@@ -7,7 +7,6 @@ TensorBoard tags follow MFTCoder: `Loss/train`, `Loss/valid`, `{task}_loss/train
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -57,12 +56,11 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        if any(isinstance(v, float) and not math.isfinite(v) for v in record.values()):
-            record = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in record.items()}
-        self.jsonl.write(json.dumps(record) + "\n")
+        # allow_nan=False: a non-finite value is a bug upstream, and bare NaN is not JSON.
+        self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self.jsonl.flush()
         step, split = record["step"], record["split"]
-        self.tb.add_scalar(f"Loss/{split}", record["loss"], step) if isinstance(record["loss"], float) else None
+        self.tb.add_scalar(f"Loss/{split}", record["loss"], step)
         for task, value in record.get("task_loss", {}).items():
             self.tb.add_scalar(f"{task}_loss/{split}", value, step)
         if split == "train":

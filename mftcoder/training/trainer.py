@@ -240,7 +240,7 @@ class Trainer:
         self.model.train()
         set_seed(config.seed, device_specific=True)
         if self.main and config.peft_type:
-            self.model.print_trainable_parameters() if hasattr(self.model, "print_trainable_parameters") else None
+            acc.unwrap_model(self.model).print_trainable_parameters()
 
         self.metrics = MetricsLog(self.logs, enabled=self.main)
         self.progress = p = Progress()
