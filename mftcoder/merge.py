@@ -1,6 +1,6 @@
 """Fold a LoRA adapter into its base model and save a plain Hugging Face model.
 
-Refuses, before loading anything big, a base whose architecture or shapes don't match the adapter
+Refuses, before loading the base's weights, a base whose architecture or shapes don't match the adapter
 and a quantised base (merging into rounded 4/8-bit weights silently changes the model).
 """
 
@@ -21,6 +21,8 @@ from mftcoder.models.loading import TORCH_DTYPES
 from mftcoder.models.resolve import locate_model
 
 _PREFIX = "base_model.model."
+# Written next to an adapter by training: what the base was, since adapter_config.json does not say.
+BASE_INFO = "base_model_info.json"
 
 
 def _adapter_config(adapter: Path) -> dict:
@@ -78,36 +80,48 @@ def shape_mismatches(model: torch.nn.Module, adapter_shapes: dict[str, tuple[int
     return problems
 
 
+def _check_architecture(adapter: Path, base: str, base_config) -> None:
+    """Same-shaped models of another family would merge silently: compare what the adapter recorded."""
+    info = adapter / BASE_INFO
+    if not info.is_file():
+        return
+    trained_on = json.loads(info.read_text()).get("model_type")
+    if trained_on and trained_on != base_config.model_type:
+        raise MergeError(
+            f"the adapter was trained on a {trained_on} model but the base {base} is {base_config.model_type}"
+        )
+
+
+def _resized(model: torch.nn.Module, vocab: int) -> torch.nn.Module:
+    if vocab > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+    return model
+
+
 def merge_adapter(adapter: str | Path, output: str | Path, *, base: str | None = None, dtype: str | None = None) -> Path:
     adapter, output = Path(adapter), Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise MergeError(f"{output} is not empty; give a new directory for the merged model")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise MergeError(f"{output} exists and is not an empty directory; give a new directory for the merged model")
     lora = _adapter_config(adapter)
-    recorded = lora.get("base_model_name_or_path")
-    base = base or recorded
+    base = base or lora.get("base_model_name_or_path")
     if not base:
         raise MergeError(f"{adapter}/adapter_config.json records no base model; pass --base")
     base_config = _base_config(base, "base")
-    if recorded and recorded != base and locate_model(recorded)[0] is not None:
-        trained_on = AutoConfig.from_pretrained(locate_model(recorded)[0])
-        if trained_on.model_type != base_config.model_type:
-            raise MergeError(
-                f"the adapter was trained on a {trained_on.model_type} model ({recorded}) but the base "
-                f"{base} is {base_config.model_type}"
-            )
-
-    name = DTYPE_ALIASES.get(dtype, dtype) if dtype else None
-    torch_dtype = TORCH_DTYPES[name] if name else (base_config.dtype or torch.float32)
+    _check_architecture(adapter, base, base_config)
     has_tokenizer = (adapter / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    problems = shape_mismatches(model, _adapter_shapes(adapter))
+
+    # Shapes first, on a weightless copy: a mismatch is reported before the base is read from disk.
+    with torch.device("meta"):
+        skeleton = _resized(AutoModelForCausalLM.from_config(base_config), len(tokenizer))
+    problems = shape_mismatches(skeleton, _adapter_shapes(adapter))
     if problems:
         listed = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise MergeError(f"the adapter {adapter} does not fit the base {base}:\n  {listed}")
 
+    name = DTYPE_ALIASES.get(dtype, dtype) if dtype else None
+    torch_dtype = TORCH_DTYPES[name] if name else (base_config.dtype or torch.float32)
+    model = _resized(AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype), len(tokenizer))
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     tmp = output.with_name(output.name + ".tmp")
     if tmp.exists():

@@ -21,6 +21,7 @@ from mftcoder.config.loading import dump_config
 from mftcoder.config.schema import TrainConfig
 from mftcoder.data.batching import collate, epoch_order, rank_micro_batches
 from mftcoder.data.dataset import MultiTaskData, build_datasets, steps_per_epoch
+from mftcoder.merge import BASE_INFO
 from mftcoder.losses.modes import batch_counts, task_sums, token_coefficients
 from mftcoder.models.loading import chat_format, load_model, load_tokenizer, wrap_lora
 from mftcoder.training import outputs
@@ -181,7 +182,11 @@ class Trainer:
             tmp = directory.with_name(directory.name + ".tmp")
             if tmp.exists():
                 outputs.clear_artefacts(tmp.parent, [tmp.name])
-            outputs.save_pretrained(tmp, acc.unwrap_model(self.model), self.tokenizer, state)
+            model = acc.unwrap_model(self.model)
+            outputs.save_pretrained(tmp, model, self.tokenizer, state)
+            if self.config.peft_type:
+                base = model.get_base_model().config
+                outputs.write_json(tmp / BASE_INFO, {"model_type": base.model_type, "architectures": base.architectures})
             outputs.write_json(tmp / "trainer_state.json", {
                 "step": self.progress.step,
                 "best_valid_loss": None if self.progress.best_step is None else self.progress.best_loss,
