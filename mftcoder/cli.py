@@ -36,16 +36,21 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import signal
+
     from mftcoder.training.trainer import train
 
-    train(_load(args))
-    return 0
+    result = train(_load(args))
+    if not result.stopped_by:
+        return 0
+    # Preempted: exit like a process killed by that signal, so schedulers see an unfinished job.
+    return 128 + signal.Signals.__members__.get(result.stopped_by, signal.SIGTERM).value
 
 
 def cmd_merge(args) -> int:
     from mftcoder.merge import merge_adapter
 
-    merge_adapter(args.adapter, args.output, base=args.base, dtype=args.dtype)
+    merge_adapter(args.adapter, args.output, base=args.base, dtype=args.dtype, qlora_dequantized=args.qlora_dequantized)
     return 0
 
 
@@ -69,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
         help="dtype of the merged weights (default: the base model's)",
+    )
+    p.add_argument(
+        "--qlora-dequantized",
+        action="store_true",
+        help="for a QLoRA adapter: merge into dequant(quant(base)), the base quantised as training recorded, which "
+        "reproduces the trained model (logits within 1e-4 in fp32). By default a QLoRA adapter is merged into the "
+        "16/32-bit base: that keeps the full-precision base, but each quantised weight differs from what the "
+        "adapter was trained with by its 4-bit rounding error (up to ~15%% of its block's largest weight; "
+        "on the demo model the logits move by up to 0.14)",
     )
     p.set_defaults(func=cmd_merge)
     return parser

@@ -48,3 +48,7 @@ class LaunchError(MFTCoderError):
 
 class MergeError(MFTCoderError):
     """An adapter cannot be merged into the given base."""
+
+
+class TrainingError(MFTCoderError):
+    """Training cannot go on (non-finite losses, a final save that failed); says where and why."""

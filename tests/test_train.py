@@ -12,7 +12,7 @@ from mftcoder.config import load_config
 from mftcoder.data.records import read_records
 from mftcoder.data.template import tokenize_conversations
 from mftcoder.errors import ConfigError
-from mftcoder.models.loading import chat_format
+from mftcoder.data.template import chat_format
 from mftcoder.training.trainer import train
 
 from conftest import read_metrics
@@ -61,9 +61,12 @@ def test_lora_run_learns_every_task_and_writes_a_self_describing_output_dir(tiny
     assert set(report) == TASKS and all(r["train_samples"] == 36 for r in report.values())
     assert list((out / "logs").glob("events.out.tfevents.*"))
 
-    # checkpoints: step-20 and step-40, `latest` names the newest
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step-40"
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-20", "step-40"]
+    # checkpoints every 20 steps, and at the final evaluation, which improved the best: best/ is that one
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-54"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-20", "step-40", "step-54"]
+    assert result.progress.best_step == 54
+    assert (out / "best" / "adapter_model.safetensors").read_bytes() == (out / "final" / "adapter_model.safetensors").read_bytes()
+    assert not list((out / "best").glob("*.pt"))
 
     # final/ is a PEFT adapter on the saved initial weights, loadable by plain HF/PEFT calls
     adapter_config = json.loads((out / "final" / "adapter_config.json").read_text())

@@ -19,7 +19,10 @@ def per_task(tasks: list[str], sums: torch.Tensor, counts: torch.Tensor) -> dict
 
 
 class TrainWindow:
-    """Sums over the optimizer steps since the last train log line, on this rank."""
+    """Sums over the optimizer steps since the last train log line, on this rank.
+
+    Layout of `sums`: [objective, task CE sums (T), task target counts (T), tokens].
+    """
 
     def __init__(self, num_tasks: int, device: torch.device):
         self.num_tasks = num_tasks
@@ -27,31 +30,58 @@ class TrainWindow:
         self.reset()
 
     def reset(self) -> None:
-        # [objective sum, task CE sums (T), task target counts (T), tokens]
-        self.sums = torch.zeros(2 + 2 * self.num_tasks, dtype=torch.float64, device=self.device)
+        self.sums = self.zeros()
         self.steps = 0
         self.grad_norms: list[float] = []
 
-    def add_micro_batch(self, objective: torch.Tensor, task_ce: torch.Tensor, task_tokens: torch.Tensor, tokens: int):
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(2 + 2 * self.num_tasks, dtype=torch.float64, device=self.device)
+
+    def micro_batch(self, objective: torch.Tensor, task_ce: torch.Tensor, task_tokens: torch.Tensor, tokens: int):
+        """One micro-batch's contribution, in the layout of `sums`."""
         t = self.num_tasks
-        self.sums[0] += objective.detach().double()
-        self.sums[1 : 1 + t] += task_ce.double()
-        self.sums[1 + t : 1 + 2 * t] += task_tokens.double()
-        self.sums[-1] += tokens
+        vector = self.zeros()
+        vector[0] = objective.detach().double()
+        vector[1 : 1 + t] = task_ce.double()
+        vector[1 + t : 1 + 2 * t] = task_tokens.double()
+        vector[-1] = tokens
+        return vector
+
+    def add_step(self, step_sums: torch.Tensor, grad_norm: float) -> None:
+        self.sums += step_sums
+        self.steps += 1
+        self.grad_norms.append(grad_norm)
 
     def split(self, reduced: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor, int]:
         t = self.num_tasks
         return float(reduced[0]), reduced[1 : 1 + t], reduced[1 + t : 1 + 2 * t], int(reduced[-1])
 
+    def state_dict(self) -> dict:
+        return {"sums": self.sums.cpu(), "steps": self.steps, "grad_norms": list(self.grad_norms)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = state["sums"].to(self.device)
+        self.steps = state["steps"]
+        self.grad_norms = list(state["grad_norms"])
+
 
 class MetricsLog:
-    def __init__(self, logs_dir: Path, enabled: bool):
+    def __init__(self, logs_dir: Path, enabled: bool, resume: tuple[int, int] | None = None):
+        """`resume`: (step, lines) of the checkpoint resumed from. What an interrupted run logged after
+        its checkpoint is dropped: lines beyond the count it had written, TensorBoard events after
+        its step (events logged at that very step after the checkpoint may then appear twice)."""
         self.enabled = enabled
+        self.lines = 0
         if not enabled:
             return
         logs_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (logs_dir / "metrics.jsonl").open("a", encoding="utf-8")
-        self.tb = SummaryWriter(str(logs_dir))
+        path = logs_dir / "metrics.jsonl"
+        if resume is not None and path.is_file():
+            kept = path.read_text(encoding="utf-8").splitlines()[: resume[1]]
+            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            self.lines = len(kept)
+        self.jsonl = path.open("a", encoding="utf-8")
+        self.tb = SummaryWriter(str(logs_dir), purge_step=None if resume is None else resume[0] + 1)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -59,6 +89,7 @@ class MetricsLog:
         # allow_nan=False: a non-finite value is a bug upstream, and bare NaN is not JSON.
         self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self.jsonl.flush()
+        self.lines += 1
         step, split = record["step"], record["split"]
         self.tb.add_scalar(f"Loss/{split}", record["loss"], step)
         for task, value in record.get("task_loss", {}).items():

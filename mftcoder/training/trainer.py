@@ -3,64 +3,94 @@
 Each step prefetches its micro-batches (gradient accumulation), all-reduces their per-task
 counts, then runs forward/backward per micro-batch with token coefficients from those global
 counts (`mftcoder.losses.modes`), so the objective is that of the whole step on all ranks.
+
+The global step is also the data position (every epoch has the same number of steps and its order
+is a pure function of the seed and the epoch), which makes resuming exact: a checkpoint holds the
+weights, the optimizer and scheduler, every rank's RNG and partial log window, and the counters.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from mftcoder.config.loading import dump_config
 from mftcoder.config.schema import TrainConfig
-from mftcoder.data.batching import collate, epoch_order, rank_micro_batches
-from mftcoder.data.dataset import MultiTaskData, build_datasets, steps_per_epoch
-from mftcoder.merge import BASE_INFO
+from mftcoder.data.batching import collate, rank_micro_batches
+from mftcoder.data.dataset import build_datasets, report_table, steps_per_epoch
+from mftcoder.errors import LaunchError, TrainingError
 from mftcoder.losses.modes import batch_counts, task_sums, token_coefficients
-from mftcoder.models.loading import chat_format, load_model, load_tokenizer, wrap_lora
+from mftcoder.merge import BASE_INFO, base_model_info
+from mftcoder.data.template import chat_format
+from mftcoder.models.loading import load_model, load_tokenizer, wrap_lora
+from mftcoder.training import checkpoint as ckpt
 from mftcoder.training import outputs
 from mftcoder.training.evaluation import Evaluation, evaluate, forward_token_losses, to_device
 from mftcoder.training.launch import COMPUTE_DTYPE, build_accelerator, run_info
 from mftcoder.training.metrics import MetricsLog, TrainWindow, per_task
 from mftcoder.training.optim import build_optimizer, build_scheduler, warmup_steps
+from mftcoder.training.signals import StopRequest
+
+SHARDED_STATE = (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
 @dataclass
 class Progress:
+    """The counters and decisions a resumed run continues from (saved in trainer_state.json)."""
+
     step: int = 0
     tokens: int = 0
     targets: int = 0
     train_seconds: float = 0.0
-    best_loss: float = math.inf
+    best_metric: float = math.inf
     best_step: int | None = None
     stalls: int = 0
     last_eval_step: int | None = None
-    evaluations: list[dict] = field(default_factory=list)
+    last_checkpoint_step: int | None = None
+    skipped_steps: int = 0
+    consecutive_nan: int = 0
+    lr: float = 0.0
+    logged_lines: int = 0  # lines in metrics.jsonl (main process)
 
 
 @dataclass(frozen=True)
 class TrainResult:
     output_dir: Path
-    final_dir: Path
-    steps: int
+    final_dir: Path | None  # None when stopped by a signal (a checkpoint was saved instead)
+    steps: int  # the global step reached
+    steps_run: int  # optimizer steps made by this process (fewer than `steps` after a resume)
     progress: Progress
+    stopped_by: str = ""  # "SIGTERM" / "SIGINT" when preempted
 
 
-def _print_data_report(accelerator, data: MultiTaskData) -> None:
-    accelerator.print(f"{'task':<28}{'records':>9}{'train':>8}{'valid':>8}{'dropped':>9}{'tokens':>10}{'targets':>10}")
-    for name, rep in data.report.items():
-        accelerator.print(
-            f"{name:<28}{rep.records:>9}{rep.train_samples:>8}{rep.valid_samples:>8}"
-            f"{rep.dropped_overlength:>9}{rep.tokens:>10}{rep.supervised_tokens:>10}"
-        )
-        for example in rep.dropped_examples:
-            accelerator.print(f"  dropped: {example}")
+def _load_weights(model, directory: Path, peft: bool) -> None:
+    """A checkpoint's weights into a freshly built (unwrapped) model."""
+    if peft:
+        result = set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
+        unexpected = result.unexpected_keys
+    else:
+        index = directory / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        state = {}
+        for name in files:
+            state.update(load_file(directory / name))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+        if untied := [k for k in missing if k not in tied]:
+            raise TrainingError(f"{directory}: the checkpoint lacks weights {untied[:5]}")
+    if unexpected:
+        raise TrainingError(f"{directory}: the checkpoint holds weights the model does not have: {unexpected[:5]}")
 
 
 class Trainer:
@@ -73,12 +103,22 @@ class Trainer:
         self.out = Path(config.output_dir)
         self.logs = self.out / "logs"
         self.checkpoints = self.out / "checkpoints"
+        self.progress = Progress()
 
     # --- setup -----------------------------------------------------------------------------
+    def _output_dir_plan(self, resume_from: Path | None) -> list[str]:
+        """What of an earlier run in output_dir to remove; refuses (changing nothing) when not allowed."""
+        if resume_from is not None and self.out.resolve() in resume_from.resolve().parents:
+            return []  # continuing the run that lives here
+        if resume_from is None and self.config.resume_from_checkpoint == "auto":
+            self.accelerator.print(f"resume_from_checkpoint=auto: no complete checkpoint in {self.checkpoints}; starting fresh")
+            return outputs.check_output_dir(self.out, overwrite=True)
+        return outputs.check_output_dir(self.out, self.config.overwrite_output_dir)
+
     def _prepare_output_dir(self, info: dict, stale: list[str]) -> None:
         if self.main:
             if stale:
-                self.accelerator.print(f"overwrite_output_dir: removing {', '.join(stale)} from {self.out}")
+                self.accelerator.print(f"removing {', '.join(stale)} of an earlier run from {self.out}")
                 outputs.clear_artefacts(self.out, stale)
             self.logs.mkdir(parents=True, exist_ok=True)
             outputs.write_atomic(self.out / "config.yaml", dump_config(self.config))
@@ -88,7 +128,7 @@ class Trainer:
     def _build_model(self, tokenizer):
         config = self.config
         compute = COMPUTE_DTYPE[self.accelerator.mixed_precision]
-        # Trainable weights and optimizer state stay fp32; a frozen LoRA base may live in the compute dtype.
+        # Trainable weights and optimizer state stay fp32; a frozen (Q)LoRA base lives in the compute dtype.
         storage = compute if config.peft_type else torch.float32
         model = load_model(config, tokenizer, storage)
         base_ref = config.pretrained_model_path
@@ -97,14 +137,29 @@ class Trainer:
             if self.main:
                 outputs.save_pretrained(base_dir, model, tokenizer, state_dict=None)
             base_ref = str(base_dir)
+            if config.peft_type == "qlora":  # bitsandbytes quantises while loading: read the saved weights back
+                self.accelerator.wait_for_everyone()
+                model = load_model(config, tokenizer, storage, source=base_dir)
         if config.peft_type:
             set_seed(config.seed)  # identical LoRA initialisation on every rank
             model = wrap_lora(config, model)
             model.peft_config["default"].base_model_name_or_path = base_ref
+        if config.torch_compile:
+            model.compile()  # in place: state-dict keys, saving and unwrapping stay as they are
         return model
 
     # --- one optimizer step ----------------------------------------------------------------
-    def _step(self, micro_batches: list[list[int]], window: TrainWindow) -> float:
+    def _epoch_steps(self, epoch: int) -> list[list[list[int]]]:
+        """This rank's micro-batches of every step of `epoch` (lists of sample indices)."""
+        config, acc = self.config, self.accelerator
+        order = self.data.epoch_order(config.seed, epoch)
+        micro = rank_micro_batches(order, config.per_device_train_batch_size, acc.num_processes, acc.process_index)
+        ga = config.gradient_accumulation_steps
+        return [micro[i : i + ga] for i in range(0, len(micro), ga)]
+
+    def _step(self, micro_batches: list[list[int]]) -> tuple[torch.Tensor, float, bool]:
+        """Forward/backward over the step's micro-batches and the update; returns this rank's sums for
+        the log window, the gradient norm, and whether the step was finite on every rank."""
         acc, config, data = self.accelerator, self.config, self.data
         num_tasks = len(data.tasks)
         batches = [collate([data.train[i] for i in indices], self.pad_id) for indices in micro_batches]
@@ -113,6 +168,7 @@ class Trainer:
         # accelerate divides by its accumulation steps; DDP averages over ranks: undo both, since the
         # coefficients already normalise over the whole step.
         scale = config.gradient_accumulation_steps * acc.num_processes
+        step_sums = self.window.zeros()
         for i, (indices, batch) in enumerate(zip(micro_batches, batches, strict=True)):
             last = i == len(batches) - 1
             acc.sync_gradients = last
@@ -123,94 +179,229 @@ class Trainer:
                 objective = (coef * ce).sum()
                 acc.backward(objective * scale)
             tokens = sum(len(data.train[j].input_ids) for j in indices)
-            window.add_micro_batch(objective, task_sums(ce.detach(), batch, num_tasks), local_counts[i][0], tokens)
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm or math.inf)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+            step_sums += self.window.micro_batch(objective, task_sums(ce.detach(), batch, num_tasks), local_counts[i][0], tokens)
+        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm or math.inf))
+        bad = torch.tensor(float(not (math.isfinite(step_sums[0]) and math.isfinite(grad_norm))), device=acc.device)
+        finite = float(acc.reduce(bad, reduction="sum")) == 0
+        self.progress.lr = self.optimizer.param_groups[0]["lr"]
+        if finite:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        window.steps += 1
-        window.grad_norms.append(float(grad_norm))
-        return lr
+        return step_sums, grad_norm, finite
 
-    # --- logging, evaluation, saving -------------------------------------------------------
-    def _log_train(self, window: TrainWindow, lr: float, epoch: float) -> dict:
+    def _non_finite(self, group: list[list[int]]) -> None:
+        """Count a skipped update, or stop naming the step and its tasks."""
+        p, config = self.progress, self.config
+        tasks = sorted({self.data.tasks[self.data.train[i].task_id] for indices in group for i in indices})
+        where = f"step {p.step}: non-finite loss or gradient norm (tasks in this rank's batch: {', '.join(tasks)})"
+        p.skipped_steps += 1
+        p.consecutive_nan += 1
+        if config.on_nan == "stop" or p.consecutive_nan >= config.max_consecutive_nan:
+            reason = "on_nan: stop" if config.on_nan == "stop" else f"{p.consecutive_nan} in a row"
+            raise TrainingError(f"{where}; stopping ({reason}). Lower the learning rate or check the data")
+        self.accelerator.print(f"\n{where}; update skipped ({p.skipped_steps} so far)")
+
+    # --- logging, evaluation -----------------------------------------------------------------
+    def _log_train(self, epoch: float) -> dict:
+        window, p = self.window, self.progress
         reduced = self.accelerator.reduce(window.sums.clone(), reduction="sum")
         objective, task_ce, task_tokens, tokens = window.split(reduced)
-        self.progress.tokens += tokens
-        self.progress.targets += int(task_tokens.sum())
+        p.tokens += tokens
+        p.targets += int(task_tokens.sum())
         record = {
-            "step": self.progress.step,
+            "step": p.step,
             "epoch": round(epoch, 4),
             "split": "train",
             "loss": objective / window.steps,
-            "lr": lr,
+            "lr": p.lr,
             "grad_norm": sum(window.grad_norms) / len(window.grad_norms),
             "task_loss": per_task(self.data.tasks, task_ce, task_tokens),
-            "tokens": self.progress.tokens,
-            "targets": self.progress.targets,
-            "train_seconds": round(self.progress.train_seconds, 3),
-            "tokens_per_s": round(self.progress.tokens / max(self.progress.train_seconds, 1e-9), 1),
+            "tokens": p.tokens,
+            "targets": p.targets,
+            "train_seconds": round(p.train_seconds, 3),
+            "tokens_per_s": round(p.tokens / max(p.train_seconds, 1e-9), 1),
         }
+        if p.skipped_steps:
+            record["skipped_steps"] = p.skipped_steps
         if self.config.task_weights is not None:
             record["task_weight"] = dict(zip(self.data.tasks, self.task_weights.tolist(), strict=True))
         self.metrics.write(record)
         window.reset()
         return record
 
-    def _evaluate(self) -> Evaluation:
-        result = evaluate(
-            self.model, self.accelerator, self.data.valid, self.data.tasks,
-            self.config.per_device_eval_batch_size, self.pad_id,
+    def _evaluate(self) -> bool:
+        """Evaluate, log, track the best; True when early stopping says stop."""
+        config, p = self.config, self.progress
+        result: Evaluation = evaluate(
+            self.model, self.accelerator, self.data.valid, self.data.tasks, config.per_device_eval_batch_size, self.pad_id
         )
-        p = self.progress
         p.last_eval_step = p.step
-        record = {"step": p.step, "split": "valid", "loss": result.loss, "task_loss": result.task_loss}
-        p.evaluations.append(record)
-        self.metrics.write(record)
-        if result.loss < p.best_loss:
-            p.best_loss, p.best_step, p.stalls = result.loss, p.step, 0
+        self.metrics.write({"step": p.step, "split": "valid", "loss": result.loss, "task_loss": result.task_loss})
+        self.accelerator.print(
+            f"\nstep {p.step} valid loss {result.loss:.4f} " + " ".join(f"{t}={v:.4f}" for t, v in result.task_loss.items())
+        )
+        metric = result.loss if config.metric_for_best == "loss" else result.task_loss[config.metric_for_best]
+        if metric < p.best_metric:
+            p.best_metric, p.best_step, p.stalls = metric, p.step, 0
+            # best/ is exported from a checkpoint, so the best step always gets one.
+            self._checkpoint()
         else:
             p.stalls += 1
-        return result
+        return config.early_stopping and p.stalls >= config.early_stopping_stall_num
 
-    def _save(self, directory: Path) -> None:
-        """Every rank takes part (sharded states are gathered); the main process writes."""
-        acc = self.accelerator
-        state = acc.get_state_dict(self.model)
-        if self.main:
-            tmp = directory.with_name(directory.name + ".tmp")
-            if tmp.exists():
-                outputs.clear_artefacts(tmp.parent, [tmp.name])
-            model = acc.unwrap_model(self.model)
-            outputs.save_pretrained(tmp, model, self.tokenizer, state)
-            if self.config.peft_type:
-                base = model.get_base_model().config
-                outputs.write_json(tmp / BASE_INFO, {"model_type": base.model_type, "architectures": base.architectures})
-            outputs.write_json(tmp / "trainer_state.json", {
-                "step": self.progress.step,
-                "best_valid_loss": None if self.progress.best_step is None else self.progress.best_loss,
-                "best_step": self.progress.best_step,
-            })
-            outputs.publish(tmp, directory)
-        acc.wait_for_everyone()
+    # --- saving ----------------------------------------------------------------------------
+    def _write_model(self, directory: Path, state: dict) -> None:
+        """HF-loadable adapter or model + tokenizer (main process)."""
+        model = self.accelerator.unwrap_model(self.model)
+        outputs.save_pretrained(directory, model, self.tokenizer, state)
+        if self.config.peft_type:
+            outputs.write_json(directory / BASE_INFO, base_model_info(model.get_base_model()))
+
+    def _write_training_state(self, directory: Path) -> None:
+        """What resuming needs beyond the weights (main process; DeepSpeed/FSDP shard theirs in state/)."""
+        self.progress.logged_lines = self.metrics.lines
+        if self.accelerator.distributed_type not in SHARDED_STATE:
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+        outputs.write_atomic(directory / "config.yaml", dump_config(self.config))
+        outputs.write_json(
+            directory / ckpt.TRAINER_STATE,
+            {"progress": asdict(self.progress), "world_size": self.accelerator.num_processes, "data": self.data_fingerprint},
+        )
+
+    def _agree(self, problem: str) -> str:
+        """Every rank learns whether any rank failed (they must all keep or all drop the checkpoint)."""
+        failed = torch.tensor(float(bool(problem)), device=self.accelerator.device)
+        if float(self.accelerator.reduce(failed, reduction="sum")) and not problem:
+            return "another process could not write its part"
+        return problem
 
     def _checkpoint(self) -> None:
-        step = self.progress.step
-        self._save(outputs.checkpoint_dir(self.checkpoints, step))
+        """Write checkpoints/step-<N>.tmp, rename it, then point `latest` at it; a failure leaves the
+        previous checkpoint and `latest` as they were, and training goes on."""
+        p, acc = self.progress, self.accelerator
+        if p.last_checkpoint_step == p.step:
+            return
+        directory = outputs.checkpoint_dir(self.checkpoints, p.step)
+        tmp = directory.with_name(directory.name + ".tmp")
+        state = acc.get_state_dict(self.model)
+        problem = ""
         if self.main:
-            outputs.write_atomic(self.checkpoints / "latest", f"step-{step}\n")
-            keep = {step} | ({self.progress.best_step} if self.progress.best_step is not None else set())
-            outputs.rotate_checkpoints(self.checkpoints, self.config.saving_limit, keep)
-        self.accelerator.wait_for_everyone()
+            try:
+                previous = ckpt.latest_checkpoint(self.checkpoints)
+                self.checkpoints.mkdir(parents=True, exist_ok=True)
+                needed = ckpt.directory_bytes(previous) if previous else self._checkpoint_bytes()
+                problem = ckpt.free_space_problem(self.checkpoints, needed)
+                if not problem:
+                    if tmp.exists():
+                        shutil.rmtree(tmp)
+                    self._write_model(tmp, state)
+                    self._write_training_state(tmp)
+            except OSError as err:
+                problem = f"{type(err).__name__}: {err}"
+        problem = self._agree(problem)
+        if not problem:
+            try:
+                if acc.distributed_type in SHARDED_STATE:
+                    acc.save_state(str(tmp / "state"))
+                torch.save({"rng": ckpt.rng_state(), "window": self.window.state_dict()}, tmp / f"rank-{acc.process_index}.pt")
+            except OSError as err:
+                problem = f"{type(err).__name__}: {err}"
+            problem = self._agree(problem)
+        if self.main and not problem:
+            try:
+                outputs.publish(tmp, directory)
+                outputs.write_atomic(self.checkpoints / ckpt.LATEST, f"{directory.name}\n")
+            except OSError as err:
+                problem = f"{type(err).__name__}: {err}"
+        problem = self._agree(problem)
+        if problem:
+            if self.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                kept = ckpt.latest_checkpoint(self.checkpoints)
+                acc.print(
+                    f"\nwarning: checkpoint {directory.name} was not written ({problem}); "
+                    + (f"the previous checkpoint {kept.name} and `latest` are intact" if kept else "no earlier checkpoint exists")
+                    + "; training goes on"
+                )
+        else:
+            p.last_checkpoint_step = p.step
+            if self.main:
+                keep = {p.step} | ({p.best_step} if p.best_step is not None else set())
+                outputs.rotate_checkpoints(self.checkpoints, self.config.saving_limit, keep)
+        acc.wait_for_everyone()
+
+    def _checkpoint_bytes(self) -> int:
+        """Rough size of a first checkpoint: the saved weights plus two fp32 Adam moments."""
+        params = list(self.accelerator.unwrap_model(self.model).parameters())
+        trainable = sum(q.numel() for q in params if q.requires_grad)
+        saved = trainable * 4 if self.config.peft_type else sum(q.numel() * q.element_size() for q in params)
+        return saved + 8 * trainable
+
+    def _save_final(self) -> Path:
+        acc = self.accelerator
+        final = self.out / "final"
+        state = acc.get_state_dict(self.model)
+        if self.main:
+            tmp = final.with_name("final.tmp")
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                self._write_model(tmp, state)
+                outputs.publish(tmp, final)
+            except OSError as err:
+                raise TrainingError(
+                    f"the final model could not be written to {final} ({type(err).__name__}: {err}); "
+                    f"the latest checkpoint in {self.checkpoints} is intact"
+                ) from None
+        acc.wait_for_everyone()
+        return final
+
+    def _export_best(self) -> None:
+        best = self.progress.best_step
+        source = outputs.checkpoint_dir(self.checkpoints, best) if best is not None else None
+        if not self.main or source is None or not source.is_dir():
+            return
+        tmp = self.out / "best.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "rank-*.pt", "state", "config.yaml"))
+        outputs.publish(tmp, self.out / "best")
+        self.accelerator.print(f"best/ = step {best} ({self.config.metric_for_best} {self.progress.best_metric:.4f})")
+
+    # --- resuming --------------------------------------------------------------------------
+    def _restore_training_state(self, checkpoint: Path, saved: dict) -> None:
+        acc = self.accelerator
+        if acc.distributed_type in SHARDED_STATE:
+            acc.load_state(str(checkpoint / "state"))
+        else:
+            self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+        self.progress = Progress(**saved["progress"])
+        rank_file = checkpoint / f"rank-{acc.process_index}.pt"
+        if saved["world_size"] == acc.num_processes and rank_file.is_file():
+            rank_state = torch.load(rank_file, weights_only=False)
+            ckpt.set_rng_state(rank_state["rng"])
+            self.window.load_state_dict(rank_state["window"])
+        else:
+            acc.print("resuming on another world size: RNG and log-window state start afresh (inexact resume)")
 
     # --- the run ---------------------------------------------------------------------------
     def train(self) -> TrainResult:
         acc, config = self.accelerator, self.config
         info = run_info(acc, config)
+        resume_from = ckpt.resolve_resume(config)
+        saved = json.loads((resume_from / ckpt.TRAINER_STATE).read_text()) if resume_from else None
+        if resume_from is not None:
+            if acc.distributed_type in SHARDED_STATE and not (resume_from / "state").is_dir():
+                raise LaunchError(f"{resume_from} was written without DeepSpeed/FSDP state; resume it with the launcher that wrote it")
+            for change in ckpt.check_compatible(resume_from, config, saved["world_size"], acc.num_processes):
+                acc.print(f"resume: accepted change {change}")
+            info["resumed_from"] = str(resume_from)
         # Refuse a used output directory before anything is written; write nothing until the data
         # has loaded, so that a bad record leaves no half-started run behind.
-        stale = outputs.check_output_dir(self.out, config.overwrite_output_dir)
+        stale = self._output_dir_plan(resume_from)
         acc.print(
             f"mftcoder: world_size={info['world_size']} distributed={info['distributed_type']} "
             f"mixed_precision={info['mixed_precision']} gradient_accumulation={config.gradient_accumulation_steps} "
@@ -220,17 +411,22 @@ class Trainer:
         self.tokenizer = load_tokenizer(config)
         self.pad_id = self.tokenizer.pad_token_id
         self.data = build_datasets(config, self.tokenizer, chat_format(config, self.tokenizer))
+        self.data_fingerprint = ckpt.data_fingerprint(self.data.train + self.data.valid)
+        if saved and saved["data"] != self.data_fingerprint:
+            raise LaunchError(
+                f"the training data changed since {resume_from} (its tokenized samples differ): an exact resume "
+                "is impossible; restore the data or start a new run"
+            )
         acc.wait_for_everyone()  # every rank has checked the output directory before it changes
         self._prepare_output_dir(info, stale)
         if self.main:
             outputs.write_json(self.logs / "data_report.json", self.data.report_dict())
-            _print_data_report(acc, self.data)
+            acc.print(report_table(self.data.report))
 
         weights = config.task_weights or [1.0] * len(self.data.tasks)
         self.task_weights = torch.tensor(weights, dtype=torch.float32, device=acc.device)
-        world, rank = acc.num_processes, acc.process_index
         per_epoch = steps_per_epoch(
-            len(self.data.train), config.per_device_train_batch_size, world, config.gradient_accumulation_steps
+            self.data.epoch_size, config.per_device_train_batch_size, acc.num_processes, config.gradient_accumulation_steps
         )
         total = config.max_train_steps or per_epoch * config.num_train_epochs
         epochs = math.ceil(total / per_epoch)
@@ -239,60 +435,83 @@ class Trainer:
             acc.print(f"warning: {warning}")
 
         model = self._build_model(self.tokenizer)
+        if resume_from is not None:  # before `prepare`: every rank loads the same files
+            _load_weights(model, resume_from, bool(self.config.peft_type))
         optimizer = build_optimizer(model, config)
         self.scheduler = build_scheduler(optimizer, config, total, warmup)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        if acc.distributed_type in SHARDED_STATE:
+            acc.register_for_checkpointing(self.scheduler)
         self.model.train()
         set_seed(config.seed, device_specific=True)
+        self.window = TrainWindow(len(self.data.tasks), acc.device)
+        if resume_from is not None:
+            self._restore_training_state(resume_from, saved)
         if self.main and config.peft_type:
             acc.unwrap_model(self.model).print_trainable_parameters()
 
-        self.metrics = MetricsLog(self.logs, enabled=self.main)
-        self.progress = p = Progress()
-        window = TrainWindow(len(self.data.tasks), acc.device)
-        bar = tqdm(total=total, disable=not self.main, desc="train", dynamic_ncols=True)
+        p = self.progress
+        start = p.step
+        self.metrics = MetricsLog(self.logs, enabled=self.main, resume=(start, p.logged_lines) if resume_from else None)
+        if resume_from is not None:
+            acc.print(f"resumed from {resume_from} at step {start}")
+        if start >= total:
+            acc.print(f"the run already reached step {start} of {total}")
         acc.print(f"training {total} steps ({per_epoch} per epoch, {epochs} epochs), warm-up {warmup}")
-        stop = False
-        for epoch in range(epochs):
-            order = epoch_order(len(self.data.train), config.seed, epoch)
-            micro = rank_micro_batches(order, config.per_device_train_batch_size, world, rank)
-            step_groups = [micro[i : i + config.gradient_accumulation_steps] for i in range(0, len(micro), config.gradient_accumulation_steps)]
-            for index, group in enumerate(step_groups):
-                started = time.perf_counter()
-                lr = self._step(group, window)
-                p.train_seconds += time.perf_counter() - started
-                p.step += 1
-                bar.update(1)
-                epoch_end = index == len(step_groups) - 1
-                if p.step % config.log_interval == 0 or p.step == total:
-                    record = self._log_train(window, lr, epoch + (index + 1) / len(step_groups))
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if self.data.valid and config.evaluation_steps and p.step % config.evaluation_steps == 0:
-                    result = self._evaluate()
-                    acc.print(f"\nstep {p.step} valid loss {result.loss:.4f} " + " ".join(f"{t}={v:.4f}" for t, v in result.task_loss.items()))
-                    stop = config.early_stopping and p.stalls >= config.early_stopping_stall_num
-                if (config.checkpointing_steps and p.step % config.checkpointing_steps == 0) or (
-                    config.epoch_checkpointing and epoch_end
-                ):
-                    self._checkpoint()
-                if stop:
-                    acc.print(f"early stopping at step {p.step}: no improvement in {p.stalls} evaluations")
-                if stop or p.step >= total:
-                    break
-            if stop or p.step >= total:
+        bar = tqdm(total=total, initial=start, disable=not self.main, desc="train", dynamic_ncols=True)
+        stop_early = False
+        with StopRequest() as stop_request:
+            for epoch in range(start // per_epoch, epochs if start < total else 0):
+                steps = self._epoch_steps(epoch)
+                for index in range(p.step - epoch * per_epoch, len(steps)):
+                    started = time.perf_counter()
+                    step_sums, grad_norm, finite = self._step(steps[index])
+                    p.train_seconds += time.perf_counter() - started
+                    p.step += 1
+                    if finite:
+                        p.consecutive_nan = 0
+                        self.window.add_step(step_sums, grad_norm)
+                    else:
+                        self._non_finite(steps[index])
+                    bar.update(1)
+                    if self.window.steps and (p.step % config.log_interval == 0 or p.step == total):
+                        record = self._log_train(epoch + (index + 1) / len(steps))
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{p.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    if self.data.valid and config.evaluation_steps and p.step % config.evaluation_steps == 0:
+                        stop_early = self._evaluate()
+                    if (config.checkpointing_steps and p.step % config.checkpointing_steps == 0) or (
+                        config.epoch_checkpointing and index == len(steps) - 1
+                    ):
+                        self._checkpoint()
+                    # Every rank stops at the same step: the signal may have reached only some of them.
+                    signalled = torch.tensor(float(stop_request.received is not None), device=acc.device)
+                    if stop_early or p.step >= total or float(acc.reduce(signalled, reduction="sum")):
+                        break
+                else:
+                    continue
                 break
-        bar.close()
-        if window.steps:
-            self._log_train(window, lr, epoch + 1)
+            bar.close()
+            if stop_request.received is not None or (p.step < total and not stop_early):
+                self._checkpoint()
+                name = stop_request.name or "a signal on another process"
+                acc.print(
+                    f"stopped by {name} at step {p.step}; checkpoint {self.checkpoints}/step-{p.step}. "
+                    "Resume with resume_from_checkpoint=auto"
+                )
+                self.metrics.close()
+                return TrainResult(self.out, None, p.step, p.step - start, p, stop_request.name or "signal")
+        if stop_early:
+            acc.print(f"early stopping at step {p.step}: no improvement in {p.stalls} evaluations")
+        if self.window.steps:
+            self._log_train(p.step / per_epoch)
         if self.data.valid and p.last_eval_step != p.step:
-            result = self._evaluate()
-            acc.print(f"final valid loss {result.loss:.4f} " + " ".join(f"{t}={v:.4f}" for t, v in result.task_loss.items()))
-        final = self.out / "final"
-        self._save(final)
+            self._evaluate()
+        final = self._save_final()
+        self._export_best()
         self.metrics.close()
-        acc.print(f"saved {final}")
+        acc.print(f"saved {final}; finished at step {p.step} ({p.step - start} steps in this process)")
         acc.end_training()
-        return TrainResult(self.out, final, p.step, p)
+        return TrainResult(self.out, final, p.step, p.step - start, p)
 
 
 def train(config: TrainConfig) -> TrainResult:

@@ -1,0 +1,178 @@
+"""Checkpoint writing, failures, resume decisions and numerical faults, in one process."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mftcoder.errors import ConfigError, LaunchError, TrainingError
+from mftcoder.training import checkpoint as ckpt
+from mftcoder.training import outputs
+from mftcoder.training.trainer import train
+
+from conftest import read_metrics
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def make_checkpoint(directory: Path, complete: bool = True) -> Path:
+    directory.mkdir(parents=True)
+    if complete:
+        (directory / ckpt.TRAINER_STATE).write_text("{}")
+    return directory
+
+
+@pytest.mark.unit
+def test_latest_ignores_tmp_and_incomplete_checkpoints(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    make_checkpoint(checkpoints / "step-2")
+    make_checkpoint(checkpoints / "step-4.tmp")
+    make_checkpoint(checkpoints / "step-6", complete=False)
+    assert ckpt.latest_checkpoint(checkpoints) == checkpoints / "step-2"
+    (checkpoints / "latest").write_text("step-4.tmp\n")  # a pointer to a half-written one is not trusted
+    assert ckpt.latest_checkpoint(checkpoints) == checkpoints / "step-2"
+    make_checkpoint(checkpoints / "step-8")  # renamed, but killed before `latest` was updated
+    assert ckpt.latest_checkpoint(checkpoints) == checkpoints / "step-8"
+    assert ckpt.latest_checkpoint(tmp_path / "none") is None
+
+
+@pytest.mark.unit
+def test_free_space_is_checked(tmp_path, monkeypatch):
+    assert ckpt.free_space_problem(tmp_path, 1 << 20) == ""
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: type("U", (), {"free": 10 << 20})())
+    assert "only 10 MiB free" in ckpt.free_space_problem(tmp_path, 100 << 20)
+
+
+@pytest.mark.unit
+def test_compatibility_accepts_schedule_keys_and_refuses_the_rest(tiny_config):
+    config = tiny_config(max_train_steps=10)
+    saved = config.model_dump(mode="json")
+    longer = config.model_copy(update={"max_train_steps": 20, "log_interval": 5})
+    accepted, refused = ckpt.compatibility(saved, longer, 1, 1)
+    assert [c.split(":")[0] for c in accepted] == ["log_interval", "max_train_steps"] and not refused
+    other = config.model_copy(update={"seq_length": 256, "learning_rate": 1.0})
+    _, refused = ckpt.compatibility(saved, other, 1, 1)
+    assert [c.split(":")[0] for c in refused] == ["learning_rate", "seq_length"]
+    _, refused = ckpt.compatibility(saved, config, 2, 1)
+    assert refused == ["world size: 2 -> 1"]
+    accepted, refused = ckpt.compatibility(saved, config.model_copy(update={"allow_inexact_resume": True}), 2, 1)
+    assert "world size: 2 -> 1" in accepted and not refused  # allow_inexact_resume itself is safe to change
+    del saved["on_nan"]  # a checkpoint written before the key existed: it had the default
+    assert ckpt.compatibility(saved, config, 1, 1) == ([], [])
+
+
+@pytest.mark.e2e
+def test_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tiny_config, monkeypatch, capsys):
+    real = outputs.save_pretrained
+    calls = []
+
+    def failing_on_step_4(directory, *args, **kwargs):
+        calls.append(Path(directory).name)
+        if Path(directory).name == "step-4.tmp":
+            (Path(directory)).mkdir(parents=True, exist_ok=True)
+            (Path(directory) / "adapter_model.safetensors").write_bytes(b"half")  # fail halfway
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(directory, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "save_pretrained", failing_on_step_4)
+    result = train(tiny_config(max_train_steps=4, checkpointing_steps=2))
+    out = capsys.readouterr().out
+    assert "checkpoint step-4 was not written (OSError: [Errno 28] No space left on device)" in out
+    assert "the previous checkpoint step-2 and `latest` are intact; training goes on" in out
+    checkpoints = result.output_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-2"]
+    assert (checkpoints / "latest").read_text().strip() == "step-2"
+    assert (result.output_dir / "final" / "adapter_model.safetensors").is_file()
+    reset_accelerate()
+    resumed = train(tiny_config(max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="auto"))
+    assert resumed.steps_run == 2
+
+
+@pytest.mark.e2e
+def test_resume_refuses_changed_training_and_accepts_a_longer_run(tiny_config, capsys):
+    first = train(tiny_config(max_train_steps=3, checkpointing_steps=3))
+    reset_accelerate()
+    with pytest.raises(ConfigError, match=r"seq_length: 512 -> 256"):
+        train(tiny_config(max_train_steps=3, seq_length=256, resume_from_checkpoint="auto"))
+    reset_accelerate()
+    result = train(tiny_config(max_train_steps=5, checkpointing_steps=3, resume_from_checkpoint="auto"))
+    out = capsys.readouterr().out
+    assert "resume: accepted change max_train_steps: 3 -> 5" in out
+    assert f"resumed from {first.output_dir / 'checkpoints' / 'step-3'} at step 3" in out
+    assert result.steps == 5 and result.steps_run == 2
+    assert [m["step"] for m in read_metrics(result.output_dir) if m["split"] == "train"] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.e2e
+def test_resume_on_edited_data_is_refused(tiny_config, small_data, tmp_path):
+    import shutil
+
+    data = [shutil.copytree(p, tmp_path / "data" / Path(p).name) for p in small_data]
+    train(tiny_config(max_train_steps=2, checkpointing_steps=2, data_paths=[str(p) for p in data]))
+    reset_accelerate()
+    file = next(data[0].glob("*.jsonl"))
+    lines = file.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["chat_rounds"][-1]["content"] += " edited"
+    file.write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+    with pytest.raises(LaunchError, match="training data changed"):
+        train(tiny_config(max_train_steps=2, data_paths=[str(p) for p in data], resume_from_checkpoint="auto"))
+
+
+@pytest.mark.e2e
+def test_auto_without_a_checkpoint_starts_fresh(tiny_config, capsys):
+    result = train(tiny_config(max_train_steps=2, resume_from_checkpoint="auto"))
+    assert "no complete checkpoint" in capsys.readouterr().out
+    assert result.steps_run == 2
+
+
+@pytest.mark.e2e
+def test_non_finite_steps_are_skipped_then_stop(tiny_config, monkeypatch, capsys):
+    import mftcoder.training.trainer as trainer_module
+
+    real = trainer_module.forward_token_losses
+    poisoned = {3, 5, 6, 7}  # forward calls (one micro-batch per step) that return NaN
+    calls = {"n": 0}
+
+    def sometimes_nan(model, batch):
+        calls["n"] += 1
+        ce = real(model, batch)
+        return ce * float("nan") if calls["n"] in poisoned else ce
+
+    monkeypatch.setattr(trainer_module, "forward_token_losses", sometimes_nan)
+    with pytest.raises(TrainingError, match=r"step 7: non-finite loss or gradient norm \(tasks in this rank's batch: .+\); stopping \(3 in a row\)"):
+        train(tiny_config(max_train_steps=10, max_consecutive_nan=3))
+    out = capsys.readouterr().out
+    assert "step 3: non-finite loss or gradient norm" in out and "update skipped (1 so far)" in out
+    lines = [m for m in read_metrics(Path(tiny_config().output_dir)) if m["split"] == "train"]
+    assert [m["step"] for m in lines] == [1, 2, 4]  # skipped steps are not in the log windows
+    assert lines[-1]["skipped_steps"] == 1
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
+
+
+@pytest.mark.e2e
+def test_on_nan_stop_stops_at_the_first(tiny_config, monkeypatch):
+    import mftcoder.training.trainer as trainer_module
+
+    real = trainer_module.forward_token_losses
+    monkeypatch.setattr(trainer_module, "forward_token_losses", lambda m, b: real(m, b) * float("inf"))
+    with pytest.raises(TrainingError, match=r"step 1: .*on_nan: stop"):
+        train(tiny_config(max_train_steps=3, on_nan="stop"))
+
+
+@pytest.mark.e2e
+def test_best_follows_a_named_task(tiny_config):
+    result = train(tiny_config(max_train_steps=4, evaluation_steps=2, metric_for_best="text_to_code"))
+    valid = [m for m in read_metrics(result.output_dir) if m["split"] == "valid"]
+    best = min(valid, key=lambda m: m["task_loss"]["text_to_code"])
+    assert result.progress.best_step == best["step"]
+    assert (result.output_dir / "best" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,188 @@
+"""Exact resume: a run killed at any moment and resumed ends where an uninterrupted run ends.
+
+The runs are real subprocesses (`python -m mftcoder train`), killed with SIGKILL or stopped with
+SIGTERM at a random step after the first checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import DEMO_MODEL, REPO, read_metrics
+
+pytestmark = pytest.mark.e2e
+
+TOTAL = 24
+TIMING = {"train_seconds", "tokens_per_s"}
+
+
+def write_config(path: Path, data_paths: list[str], output_dir: Path, **overrides) -> Path:
+    config = {
+        "pretrained_model_path": str(DEMO_MODEL), "model_init": "from_config", "data_paths": data_paths,
+        "data_split": [0.9, 0.1], "seq_length": 512, "output_dir": str(output_dir),
+        "peft_type": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.1,  # dropout: RNG must resume too
+        "per_device_train_batch_size": 2, "per_device_eval_batch_size": 8, "learning_rate": 5e-3,
+        "num_warmup_steps": 3, "max_train_steps": TOTAL, "log_interval": 1, "evaluation_steps": 5,
+        "checkpointing_steps": 3, "early_stopping": False, "seed": 11,
+    }
+    config.update(overrides)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def launch(config: Path, *extra: str, processes: int = 1) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
+        env.pop(key, None)
+    if processes == 1:
+        command = [sys.executable, "-m", "mftcoder", "train", str(config), *extra]
+    else:
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--main_process_port", "0", "-m", "mftcoder", "train", str(config), *extra,
+        ]
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    out, _ = process.communicate(timeout=timeout)
+    return process.returncode, out
+
+
+def logged_step(output_dir: Path) -> int:
+    path = output_dir / "logs" / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [int(m) for m in re.findall(r'"step": (\d+), "epoch"', path.read_text())]
+    return max(steps, default=0)
+
+
+def interrupt_at(process: subprocess.Popen, output_dir: Path, step: int, sig: int) -> None:
+    """Send `sig` to the whole run (launcher and workers) once it has logged `step`."""
+    deadline = time.monotonic() + 240
+    while logged_step(output_dir) < step:
+        assert process.poll() is None, f"the run ended before step {step}: {process.communicate()[0][-2000:]}"
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.005)
+    os.killpg(process.pid, sig)
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    final = output_dir / "final"
+    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(final / name)
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    a, b = final_weights(resumed), final_weights(reference)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-6, f"final weights differ by {worst}"
+    strip = lambda lines: [{k: v for k, v in m.items() if k not in TIMING} for m in lines]  # noqa: E731
+    assert strip(read_metrics(resumed)) == strip(read_metrics(reference))
+
+
+def resumed_step(output: str) -> int:
+    match = re.search(r"resumed from (\S+) at step (\d+)", output)
+    assert match, output[-3000:]
+    return int(match.group(2))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from conftest import write_subset
+
+    return write_subset(tmp_path_factory.mktemp("resume_data"), 30)
+
+
+def reference_run(tmp_path: Path, data: list[str], processes: int = 1, **overrides) -> Path:
+    out = tmp_path / "reference"
+    code, output = finish(launch(write_config(tmp_path / "reference.yaml", data, out, **overrides), processes=processes))
+    assert code == 0, output[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("peft_type", ["lora", None], ids=["lora", "full"])
+def test_sigkill_at_a_random_step_then_resume_is_exact(tmp_path, data, peft_type):
+    reference = reference_run(tmp_path, data, peft_type=peft_type)
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", data, out, peft_type=peft_type)
+    kill_at = random.randint(4, TOTAL - 3)
+    process = launch(config)
+    interrupt_at(process, out, kill_at, signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (out / "final").exists()
+
+    code, output = finish(launch(config, "resume_from_checkpoint=auto"))
+    assert code == 0, output[-3000:]
+    start = resumed_step(output)
+    # checkpoints: every 3 steps, and at each evaluation (every 5) that improved the best
+    assert start <= kill_at and (start % 3 == 0 or start % 5 == 0), (start, kill_at)
+    assert f"finished at step {TOTAL} ({TOTAL - start} steps in this process)" in output, (kill_at, output[-2000:])
+    assert_same_run(out, reference)
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, data):
+    reference = reference_run(tmp_path, data)
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", data, out)
+    process = launch(config)
+    interrupt_at(process, out, random.randint(2, TOTAL - 4), signal.SIGTERM)
+    code, output = finish(process)
+    assert code == 128 + signal.SIGTERM, output[-3000:]
+    stopped = int(re.search(r"stopped by SIGTERM at step (\d+)", output).group(1))
+    assert (out / "checkpoints" / f"step-{stopped}").is_dir()
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{stopped}"
+
+    code, output = finish(launch(config, "resume_from_checkpoint=auto"))
+    assert code == 0, output[-3000:]
+    assert resumed_step(output) == stopped
+    assert f"({TOTAL - stopped} steps in this process)" in output
+    assert_same_run(out, reference)
+
+
+@pytest.mark.dist
+def test_two_process_ddp_killed_and_resumed_is_exact(tmp_path, data):
+    reference = reference_run(tmp_path, data, processes=2, per_device_train_batch_size=1)
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", data, out, per_device_train_batch_size=1)
+    process = launch(config, processes=2)
+    interrupt_at(process, out, random.randint(4, TOTAL - 3), signal.SIGKILL)
+    process.wait(timeout=60)
+    code, output = finish(launch(config, "resume_from_checkpoint=auto", processes=2))
+    assert code == 0, output[-3000:]
+    start = resumed_step(output)
+    assert f"({TOTAL - start} steps in this process)" in output
+    assert "world_size=2" in output
+    assert_same_run(out, reference)
+
+
+@pytest.mark.dist
+def test_two_process_sigterm_stops_every_rank_at_the_same_step(tmp_path, data):
+    reference = reference_run(tmp_path, data, processes=2, per_device_train_batch_size=1)
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", data, out, per_device_train_batch_size=1)
+    process = launch(config, processes=2)
+    interrupt_at(process, out, random.randint(2, TOTAL - 4), signal.SIGTERM)
+    code, output = finish(process)
+    assert code != 0
+    stopped = {int(s) for s in re.findall(r"stopped by \S+ at step (\d+)", output)}
+    assert len(stopped) == 1, output[-3000:]
+    code, output = finish(launch(config, "resume_from_checkpoint=auto", processes=2))
+    assert code == 0, output[-3000:]
+    assert resumed_step(output) == stopped.pop()
+    assert_same_run(out, reference)
