@@ -101,6 +101,16 @@ def _fresh_accelerate_state():
     GradientState._reset_state()
 
 
+def launch_env() -> dict[str, str]:
+    """The environment of a subprocess `accelerate launch`: offline, one thread per process, and
+    nothing from an outer launcher (the product must pick the CPU, gloo and world size itself)."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    for name in ("ACCELERATE_USE_CPU", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     import json
 

@@ -137,13 +137,42 @@ def test_validation_needed_without_a_validation_split(config_file):
 
 @pytest.mark.parametrize(
     ("override", "field"),
-    [("peft_type=qlora", "peft_type"), ("padding_mode=pack", "padding_mode"), ("weighted_loss_mode=coba", "weighted_loss_mode"),
-     ("resume_from_checkpoint=auto", "resume_from_checkpoint")],
+    [("padding_mode=concat", "padding_mode"), ("padding_mode=pack", "padding_mode"), ("weighted_loss_mode=coba", "weighted_loss_mode")],
 )
 def test_features_not_landed_yet_say_so(config_file, override, field):
     with pytest.raises(ConfigError) as excinfo:
         load_config(config_file(), [override])
     assert "not available yet" in problems(excinfo)[field]
+
+
+def test_qlora_and_its_quantization_bits(config_file):
+    assert load_config(config_file(), ["peft_type=qlora"]).quantization_bits is None  # 4 bits
+    assert load_config(config_file(), ["peft_type=qlora", "quantization_bits=8"]).quantization_bits == 8
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(config_file(), ["quantization_bits=8"])  # peft_type: lora
+    assert "qlora only" in problems(excinfo)["quantization_bits"]
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(config_file(), ["peft_type=qlora", "quantization_bits=3"])
+    assert "quantization_bits" in problems(excinfo)
+
+
+def test_bitsandbytes_features_without_bitsandbytes(config_file, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(config_file(), ["peft_type=qlora", "optimizer=adamw_8bit"])
+    found = problems(excinfo)
+    assert "pip install bitsandbytes" in found["peft_type"] and "pip install bitsandbytes" in found["optimizer"]
+
+
+def test_optimizer_and_torch_compile_keys(config_file):
+    config = load_config(config_file(), ["optimizer=paged_adamw_8bit", "torch_compile=true"])
+    assert config.optimizer == "paged_adamw_8bit" and config.torch_compile is True
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(config_file(), ["optimizer=adam8"])
+    assert "optimizer" in problems(excinfo)
 
 
 def test_warmup_must_be_steps_or_fraction(config_file):
@@ -200,3 +229,51 @@ def test_hub_id_is_resolved_from_the_local_cache(config_file, tmp_path, monkeypa
     assert "not in the Hugging Face cache" in problems(excinfo)["pretrained_model_path"]
     with pytest.raises(ConfigError, match="no such directory"):
         load_config(config_file(), ["pretrained_model_path=./models/local"])
+
+
+def test_data_paths_entries_may_be_mappings(config_file, small_data, tmp_path):
+    entries = f"[{small_data[0]}, {{path: {small_data[1]}, name: t2c, format: messages, weight: 2}}, {{path: {small_data[2]}}}]"
+    config = load_config(config_file(), [f"data_paths={entries}"])
+    assert config.data_paths[0] == small_data[0]  # a plain path stays a string
+    assert (config.data_paths[1].name, config.data_paths[1].format, config.data_paths[1].weight) == ("t2c", "messages", 2.0)
+    assert Path(config.data_paths[2].path).is_absolute()
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(dump_config(config))
+    assert load_config(saved) == config
+
+
+def test_bad_data_paths_entries_are_located(config_file, small_data, tmp_path):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"text": "a"}])}).save_to_disk(str(tmp_path / "dd"))
+    entries = (
+        f"[{{path: {small_data[0]}, format: alpacca, weight: 0}}, 3, {{path: {small_data[1]}, nme: x}}, "
+        f"{{path: {small_data[2]}, name: same}}, {{path: {tmp_path / 'dd'}, name: same}}]"
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(config_file(), [f"data_paths={entries}"])
+    found = problems(excinfo)
+    assert "Input should be 'auto', 'chat_rounds'" in found["data_paths.0.format"]
+    assert "greater than 0" in found["data_paths.0.weight"]
+    assert "each entry is a path, or a mapping {path, name, format, weight}" in found["data_paths.1"]
+    assert "unknown key" in found["data_paths.2.nme"]
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(config_file(), [f"data_paths=[{{path: {small_data[2]}, name: same}}, {{path: {tmp_path / 'dd'}, name: same}}]"])
+    found = problems(excinfo)
+    assert "a saved DatasetDict (splits: train); point the entry at one split's directory" in found["data_paths.1"]
+    assert "task name 'same'" in found["data_paths"]
+
+
+def test_role_markers_do_not_apply_to_the_tokenizer_template(config_file):
+    assert load_config(config_file(), ["template=tokenizer"]).template == "tokenizer"
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(config_file(), ["template=tokenizer", r'role_markers.user="<|user|>\n"'])
+    assert "apply to template: mftcoder" in problems(excinfo)["role_markers"]
+
+
+def test_data_policies_are_checked(config_file):
+    config = load_config(config_file(), ["overlength=truncate", "on_bad_record=skip"])
+    assert (config.overlength, config.on_bad_record) == ("truncate", "skip")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(config_file(), ["overlength=cut", "on_bad_record=ignore"])
+    assert {"overlength", "on_bad_record"} <= set(problems(excinfo))

@@ -1,4 +1,4 @@
-"""Records, splits, sharding and collation."""
+"""Splits, length policy, sampling weights, the data report, sharding and collation."""
 
 import json
 
@@ -6,94 +6,64 @@ import numpy as np
 import pytest
 import torch
 
+from mftcoder.config.schema import RoleMarkers
 from mftcoder.data.batching import collate, epoch_order, rank_micro_batches
-from mftcoder.data.dataset import Sample, build_datasets, split_counts, split_records, steps_per_epoch
-from mftcoder.data.records import Record, parse_chat_rounds, read_records
-from mftcoder.data.tasks import task_files, task_name
+from mftcoder.data.dataset import (
+    MultiTaskData,
+    Sample,
+    build_datasets,
+    epoch_indices,
+    report_table,
+    split_counts,
+    split_records,
+    steps_per_epoch,
+    truncate,
+)
+from mftcoder.data.records import Record
+from mftcoder.data.template import ChatFormat, chat_format, tokenize
 from mftcoder.errors import DataError
 
 pytestmark = pytest.mark.unit
 
-
-def write_lines(path, lines):
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-GOOD = {"chat_rounds": [{"role": "human", "content": "hi"}, {"role": "bot", "content": "hello"}]}
-
-
-def test_roles_are_canonicalised():
-    rounds = [
-        {"role": "system", "content": "s"},
-        {"role": "user", "content": "u"},
-        {"role": "gpt", "content": "a"},
-        {"role": "human", "content": "u2"},
-        {"role": "assistant", "content": "a2"},
-    ]
-    messages = parse_chat_rounds({"chat_rounds": rounds, "id": 3}, "f:1")
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "add"},
+    {"role": "assistant", "content": "x = 1"},
+    {"role": "user", "content": "more"},
+    {"role": "assistant", "content": "return x"},
+    {"role": "user", "content": "again"},
+    {"role": "assistant", "content": "ok"},
+]
 
 
-@pytest.mark.parametrize(
-    ("record", "field", "problem"),
-    [
-        ({"messages": []}, "chat_rounds", "missing (the record has keys: messages)"),
-        ({"chat_rounds": "hi"}, "chat_rounds", "non-empty list"),
-        ({"chat_rounds": [{"role": "robot", "content": "x"}]}, "chat_rounds[0].role", "unknown role 'robot'"),
-        ({"chat_rounds": [{"role": "human", "content": None}]}, "chat_rounds[0].content", "must be a string, got NoneType"),
-        ({"chat_rounds": [{"role": "human", "content": 3}]}, "chat_rounds[0].content", "got int"),
-        ({"chat_rounds": [{"role": "bot", "content": "x"}]}, "chat_rounds[0].role", "expected the user turn here"),
-        ({"chat_rounds": [{"role": "human", "content": "a"}, {"role": "human", "content": "b"}]}, "chat_rounds[1].role", "expected the assistant turn"),
-        ({"chat_rounds": [{"role": "human", "content": "a"}]}, "chat_rounds", "no assistant turn"),
-        ({"chat_rounds": [{"role": "human", "content": "a"}, {"role": "bot", "content": ""}]}, "chat_rounds[1].content", "empty assistant"),
-        ({"chat_rounds": [GOOD["chat_rounds"][0], {"role": "system", "content": "late"}]}, "chat_rounds[1].role", "may only come first"),
-    ],
-)
-def test_bad_records_name_file_line_and_field(tmp_path, record, field, problem):
-    path = write_lines(tmp_path / "task.jsonl", [json.dumps(GOOD), "", json.dumps(record)])
-    with pytest.raises(DataError) as excinfo:
-        read_records(path)
-    message = str(excinfo.value)
-    assert message.startswith(f"{path}:3: {field}: ")
-    assert problem in message
+def write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
 
 
-def test_invalid_json_and_bytes_name_the_line(tmp_path):
-    path = write_lines(tmp_path / "a.jsonl", [json.dumps(GOOD), '{"chat_rounds": [}'])
-    with pytest.raises(DataError, match=r"a.jsonl:2: invalid JSON"):
-        read_records(path)
-    bad = tmp_path / "b.jsonl"
-    bad.write_bytes(json.dumps(GOOD).encode() + b"\n\xff\xfe\n")
-    with pytest.raises(DataError, match=r"b.jsonl:2: not valid UTF-8"):
-        read_records(bad)
-    with pytest.raises(DataError, match=r"a.jsonl:1: record: expected a JSON object"):
-        read_records(write_lines(tmp_path / "a.jsonl", ["[1, 2]"]))
+@pytest.fixture
+def chat(demo_tokenizer):
+    return ChatFormat(RoleMarkers(), demo_tokenizer.eos_token)
 
 
-def test_empty_sources_are_errors(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no \\*.jsonl"):
-        read_records(tmp_path / "empty")
-    with pytest.raises(DataError, match="no records"):
-        read_records(write_lines(tmp_path / "blank.jsonl", ["", "  "]))
+def tokens_of(tokenizer, chat, messages):
+    ((ids, mask),) = tokenize(tokenizer, [chat.render(messages)])
+    return ids, mask
 
 
-def test_task_names_and_files(tmp_path):
-    task = tmp_path / "text_to_code"
-    (task / "sub").mkdir(parents=True)
-    write_lines(task / "b.jsonl", [json.dumps(GOOD)])
-    write_lines(task / "sub" / "a.json", [json.dumps(GOOD)])
-    (task / "notes.txt").write_text("ignored")
-    assert task_name(task) == "text_to_code"
-    assert task_name(task / "b.jsonl") == "b"
-    assert [p.name for p in task_files(task)] == ["b.jsonl", "a.json"]
-    assert len(read_records(task)) == 2
+# --- splits ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("n", "fractions", "counts"),
-    [(100, [0.98, 0.02], [98, 2]), (10, [0.9, 0.1], [9, 1]), (3, [0.99, 0.01], [2, 1]), (10, [0.8, 0.1, 0.1], [8, 1, 1]), (5, [1.0, 0.0], [5, 0])],
+    [
+        (100, [0.98, 0.02], [98, 2]),
+        (10, [0.9, 0.1], [9, 1]),
+        (3, [0.99, 0.01], [2, 1]),
+        (10, [0.8, 0.1, 0.1], [8, 1, 1]),
+        (5, [1.0, 0.0], [5, 0]),
+    ],
 )
 def test_split_counts(n, fractions, counts):
     assert split_counts(n, fractions) == counts
@@ -109,18 +79,175 @@ def test_split_is_deterministic_and_seeded_per_task():
     assert len(first[1]) == 10
 
 
-def test_overlength_samples_are_dropped_and_counted(tiny_config, demo_tokenizer):
-    from mftcoder.models.loading import chat_format
+# --- length policy ---------------------------------------------------------------------------
 
-    demo_tokenizer.pad_token = demo_tokenizer.eos_token
+
+def test_truncate_keeps_the_leading_rounds_that_fit(demo_tokenizer, chat):
+    rendered = chat.render(CONVERSATION)
+    ids, mask = tokens_of(demo_tokenizer, chat, CONVERSATION)
+    assert len(ids) == 57  # 3 rounds; 2 rounds are 41 tokens, 1 round 26
+    cut_ids, cut_mask, how = truncate(demo_tokenizer, rendered, ids, mask, 45)
+    two_ids, two_mask = tokens_of(demo_tokenizer, chat, CONVERSATION[:5])
+    assert cut_ids.tolist() == two_ids.tolist() and cut_mask.tolist() == two_mask.tolist()
+    assert how == "kept 2 of 3 rounds"
+
+
+def test_truncate_drops_a_trailing_unanswered_turn_first(demo_tokenizer, chat):
+    messages = CONVERSATION[1:3] + [{"role": "user", "content": "a long unanswered question " * 5}]
+    ids, mask = tokens_of(demo_tokenizer, chat, messages)
+    cut_ids, _, how = truncate(demo_tokenizer, chat.render(messages), ids, mask, 30)
+    assert cut_ids.tolist() == tokens_of(demo_tokenizer, chat, messages[:2])[0].tolist()
+    assert how == "kept 1 of 1 rounds"
+
+
+def test_truncate_cuts_the_prompt_from_the_left(demo_tokenizer, chat):
+    one_ids, one_mask = tokens_of(demo_tokenizer, chat, CONVERSATION[:3])
+    assert len(one_ids) == 26 and one_mask.tolist().index(1) == 20  # 20 prompt tokens, 5 targets, "\n"
+    ids, mask = tokens_of(demo_tokenizer, chat, CONVERSATION)
+    cut_ids, cut_mask, how = truncate(demo_tokenizer, chat.render(CONVERSATION), ids, mask, 22)
+    assert cut_ids.tolist() == one_ids[4:].tolist() and cut_mask.tolist() == one_mask[4:].tolist()
+    assert int(cut_mask[1:].sum()) == 5 and cut_mask[0] == 0  # every target kept
+    assert how == "kept 1 of 3 rounds, prompt cut by 4 tokens"
+
+
+def test_truncate_keeps_the_head_of_an_answer_too_long_alone(demo_tokenizer, chat):
+    one_ids, _ = tokens_of(demo_tokenizer, chat, CONVERSATION[:3])
+    ids, mask = tokens_of(demo_tokenizer, chat, CONVERSATION)
+    cut_ids, cut_mask, how = truncate(demo_tokenizer, chat.render(CONVERSATION), ids, mask, 4)
+    assert cut_ids.tolist() == one_ids[19:23].tolist()  # the last prompt token, then the answer's first 3
+    assert cut_mask.tolist() == [0, 1, 1, 1]
+    assert how == "kept 1 of 3 rounds, prompt cut to 1 token, answer cut by 3 tokens"
+
+
+def test_truncate_text_keeps_its_beginning(demo_tokenizer, chat):
+    from mftcoder.data.template import render_record
+
+    rendered = render_record(chat, Record([], "f:1", text="def f():\n    return 1\n"))
+    ((ids, mask),) = tokenize(demo_tokenizer, [rendered])
+    assert len(ids) == 8 and mask.tolist() == [1] * 8  # text + EOS, every token a target
+    cut_ids, cut_mask, how = truncate(demo_tokenizer, rendered, ids, mask, 5)
+    assert cut_ids.tolist() == ids[:5].tolist() and cut_mask.tolist() == [1] * 5
+    assert how == "kept the first tokens"
+
+
+@pytest.fixture
+def long_and_short(tmp_path):
+    """A task of 10 records: the first 4 are too long for seq_length 30 (multi-round), the rest fit."""
+    long = {"messages": [m for m in CONVERSATION if m["role"] != "system"]}
+    short = {"messages": CONVERSATION[1:3]}
+    write_jsonl(tmp_path / "mixed" / "part.jsonl", [long] * 4 + [short] * 6)
+    return str(tmp_path / "mixed")
+
+
+@pytest.mark.parametrize("policy", ["drop", "truncate"])
+def test_length_policy_is_counted_and_reported(tiny_config, demo_tokenizer, long_and_short, policy):
+    config = tiny_config(data_paths=[long_and_short], seq_length=30, overlength=policy, data_split=[0.5, 0.5])
+    data = build_datasets(config, demo_tokenizer, chat_format(config, demo_tokenizer))
+    rep = data.report["mixed"]
+    assert rep.records == 10 and rep.bad_records == 0
+    assert all(len(s.input_ids) <= 30 and s.loss_mask[1:].any() for s in data.train + data.valid)
+    if policy == "drop":
+        assert (rep.dropped_overlength, rep.truncated) == (4, 0)
+        assert len(rep.dropped_examples) == 3 and rep.dropped_examples[0].endswith("tokens > seq_length 30")
+    else:
+        assert (rep.dropped_overlength, rep.truncated) == (0, 4)
+        assert rep.truncated_examples[0].endswith("part.jsonl:1: 45 -> 29 tokens (kept 2 of 3 rounds)")
+    assert rep.train_samples + rep.valid_samples + rep.dropped_overlength == rep.records
+    assert rep.tokens == sum(len(s.input_ids) for s in data.train + data.valid)
+    assert rep.supervised_tokens == sum(int(s.loss_mask[1:].sum()) for s in data.train + data.valid)
+
+
+def test_overlength_error_names_the_record(tiny_config, demo_tokenizer, long_and_short):
+    config = tiny_config(data_paths=[long_and_short], seq_length=30, overlength="error")
+    with pytest.raises(DataError, match=r"part.jsonl:\d+: \d+ tokens > seq_length 30 \(overlength: error\)"):
+        build_datasets(config, demo_tokenizer, chat_format(config, demo_tokenizer))
+
+
+def test_demo_data_drops_are_counted_per_task(tiny_config, demo_tokenizer):
     config = tiny_config(seq_length=120)
     data = build_datasets(config, demo_tokenizer, chat_format(config, demo_tokenizer))
-    total_dropped = sum(r.dropped_overlength for r in data.report.values())
-    assert total_dropped > 0
+    assert sum(r.dropped_overlength for r in data.report.values()) > 0
     for report in data.report.values():
         assert report.train_samples + report.valid_samples + report.dropped_overlength == report.records
         assert len(report.dropped_examples) == min(3, report.dropped_overlength)
+        assert report.formats == {"chat_rounds": 40}
     assert all(len(s.input_ids) <= 120 for s in data.train + data.valid)
+
+
+# --- bad records, splits that cannot serve validation, the report -----------------------------
+
+
+def test_skipped_bad_records_are_in_the_report(tiny_config, demo_tokenizer, tmp_path):
+    good = {"prompt": "p", "response": "r"}
+    path = write_jsonl(tmp_path / "task" / "a.jsonl", [good] * 8 + [{"prompt": "p"}, {"text": 3}])
+    config = tiny_config(data_paths=[path], on_bad_record="skip", data_split=[0.75, 0.25])
+    data = build_datasets(config, demo_tokenizer, chat_format(config, demo_tokenizer))
+    rep = data.report_dict()["a"]
+    assert (rep["records"], rep["bad_records"], rep["train_samples"], rep["valid_samples"]) == (10, 2, 6, 2)
+    assert rep["bad_examples"][1] == f"{path}:10: text: must be a string, got int"
+    json.dumps(data.report_dict())  # what logs/data_report.json holds
+    table = report_table(data.report)
+    assert table.splitlines()[1].split()[:5] == ["a", "10", "2", "6", "2"]
+    assert f"  bad: {path}:9: record: no known format" in table
+    with pytest.raises(DataError, match=r"a.jsonl:9: record: no known format"):
+        build_datasets(tiny_config(data_paths=[path]), demo_tokenizer, chat_format(config, demo_tokenizer))
+
+
+def test_a_task_without_validation_samples_is_an_error(tiny_config, demo_tokenizer, tmp_path):
+    one = write_jsonl(tmp_path / "one" / "a.jsonl", [{"prompt": "p", "response": "r"}])
+    config = tiny_config(data_paths=[one], evaluation_steps=10)
+    with pytest.raises(
+        DataError, match=r"task 'a' has no validation sample .*used by evaluation_steps, the final evaluation"
+    ):
+        build_datasets(config, demo_tokenizer, chat_format(config, demo_tokenizer))
+    no_split = tiny_config(data_paths=[one], data_split=[1, 0])
+    assert len(build_datasets(no_split, demo_tokenizer, chat_format(no_split, demo_tokenizer)).valid) == 0
+
+
+# --- sampling weights ------------------------------------------------------------------------
+
+
+def test_epoch_indices_apply_weights():
+    """Tasks of 2, 4 and 3 samples at weights 2, 0.5 and 1.5: 4 + 2 + (3 + 2) = 11 per epoch."""
+    task_ids = np.array([0, 0, 1, 1, 1, 1, 2, 2, 2])
+    epochs = [epoch_indices(task_ids, [2.0, 0.5, 1.5], seed=3, epoch=e) for e in range(2)]
+    for order in epochs:
+        counts = np.bincount(order, minlength=9)
+        assert len(order) == 11
+        assert counts[:2].tolist() == [2, 2]  # every sample of task 0 twice
+        assert counts[2:6].sum() == 2 and counts[2:6].max() == 1  # half of task 1
+        assert counts[6:].sum() == 5 and counts[6:].min() == 1  # all of task 2 once, plus two
+    # the halves of task 1 in consecutive epochs are disjoint: every sample is used before any is reused
+    assert sorted(np.concatenate([o[(o >= 2) & (o < 6)] for o in epochs]).tolist()) == [2, 3, 4, 5]
+    assert epoch_indices(task_ids, [2.0, 0.5, 1.5], seed=3, epoch=1).tolist() == epochs[1].tolist()
+
+
+def test_unit_weights_give_the_plain_epoch_order():
+    task_ids = np.array([0] * 5 + [1] * 7)
+    for epoch in range(3):
+        assert epoch_indices(task_ids, [1.0, 1.0], 11, epoch).tolist() == epoch_order(12, 11, epoch).tolist()
+
+
+def test_weights_reach_the_data_and_the_report(tiny_config, demo_tokenizer, small_data):
+    entries = [
+        {"path": small_data[0], "weight": 2.0},
+        {"path": small_data[1], "weight": 0.5, "name": "t2c"},
+        small_data[2],
+    ]
+    config = tiny_config(data_paths=entries)
+    data = build_datasets(config, demo_tokenizer, chat_format(config, demo_tokenizer))
+    assert data.tasks == ["code_completion", "t2c", "unit_test_generation"]
+    assert [r.epoch_samples for r in data.report.values()] == [72, 18, 36]
+    assert data.epoch_size == 126 and len(data.epoch_order(config.seed, 0)) == 126
+    order = data.epoch_order(config.seed, 0)
+    per_task = np.bincount([data.train[i].task_id for i in order], minlength=3)
+    assert per_task.tolist() == [72, 18, 36]
+    small = tiny_config(data_paths=[{"path": small_data[0], "weight": 0.01}])
+    with pytest.raises(DataError, match="weight 0.01 of 36 train samples draws none per epoch"):
+        build_datasets(small, demo_tokenizer, chat_format(small, demo_tokenizer))
+
+
+# --- sharding and collation ------------------------------------------------------------------
 
 
 def test_every_sample_once_per_epoch_across_ranks():
@@ -141,6 +268,11 @@ def test_steps_per_epoch():
 
 def sample(ids, mask, task):
     return Sample(np.array(ids, dtype=np.int32), np.array(mask, dtype=np.uint8), task)
+
+
+def test_epoch_size_without_weights_is_the_train_size():
+    data = MultiTaskData(["a", "b"], [sample([1, 2], [0, 1], t) for t in (0, 0, 1)], [], {})
+    assert data.epoch_size == 3 and sorted(data.epoch_order(1, 0).tolist()) == [0, 1, 2]
 
 
 def test_collate_shifts_targets_and_pads_to_the_longest():

@@ -36,14 +36,42 @@ def test_no_weight_decay_on_biases_and_norms():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     model[1].weight.requires_grad_(True)
 
-    class Cfg:
-        weight_decay, learning_rate, adam_beta1, adam_beta2, adam_epsilon = 0.1, 1e-3, 0.8, 0.9, 1e-6
-
-    optimizer = build_optimizer(model, Cfg)
+    optimizer = build_optimizer(model, OptimCfg)
     decayed, plain = optimizer.param_groups
     assert [p.shape for p in decayed["params"]] == [torch.Size([4, 4])] and decayed["weight_decay"] == 0.1
     assert len(plain["params"]) == 3 and plain["weight_decay"] == 0.0
     assert decayed["betas"] == (0.8, 0.9) and decayed["eps"] == 1e-6
+
+
+class OptimCfg:
+    weight_decay, learning_rate, adam_beta1, adam_beta2, adam_epsilon = 0.1, 1e-3, 0.8, 0.9, 1e-6
+    optimizer = "adamw"
+
+
+def test_rank_of_a_zero3_shard_is_its_ds_shape_and_no_group_is_empty():
+    # Under ZeRO-3 every parameter is a flat 1-D shard; DeepSpeed records the real shape in ds_shape.
+    matrix, bias = torch.nn.Parameter(torch.zeros(16)), torch.nn.Parameter(torch.zeros(4))
+    matrix.ds_shape, bias.ds_shape = torch.Size([4, 4]), torch.Size([4])
+    decayed, plain = build_optimizer(torch.nn.ParameterList([matrix, bias]), OptimCfg).param_groups
+    assert decayed["params"] == [matrix] and plain["params"] == [bias]
+    # LoRA: matrices only, so a single group (DeepSpeed drops empty ones, which the scheduler would miss).
+    [group] = build_optimizer(torch.nn.Linear(4, 4, bias=False), OptimCfg).param_groups
+    assert group["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize(("name", "expected"), [("adamw_8bit", "AdamW8bit"), ("paged_adamw_8bit", "PagedAdamW8bit")])
+def test_8bit_adamw_from_bitsandbytes_steps_on_cpu(name, expected):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.LayerNorm(96))  # 6144 weights: 8-bit state
+    config = type("Cfg", (OptimCfg,), {"optimizer": name})
+    optimizer = build_optimizer(model, config)
+    assert type(optimizer).__name__ == expected
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0 and decayed["betas"] == (0.8, 0.9)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(8, 64)).square().mean().backward()
+    optimizer.step()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert optimizer.state[model[0].weight]["state1"].dtype == torch.uint8  # the 8-bit state
 
 
 def test_scheduler_steps_in_optimizer_steps_and_allows_zero_lr():

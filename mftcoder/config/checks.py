@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections import Counter
 from pathlib import Path
 
-from mftcoder.config.schema import TrainConfig
+from mftcoder.config.schema import DataSource, RoleMarkers, TrainConfig
 from mftcoder.data.tasks import task_files, task_name
-from mftcoder.errors import Issue
+from mftcoder.errors import DataError, Issue
+from mftcoder.models.families import config_issues
 from mftcoder.models.resolve import locate_model
 
 # Values the schema knows (MFTCoder configs use them) whose implementation has not landed yet.
 NOT_AVAILABLE_YET = {
     ("padding_mode", "pack"): "packing is not available yet; use padding_mode: padding",
     ("padding_mode", "concat"): "concat (stream chunking) is not available yet; use padding_mode: padding",
-    ("peft_type", "qlora"): "QLoRA is not available yet; use peft_type: lora",
     ("weighted_loss_mode", "focal"): "focal balancing is not available yet; use case1..case4",
     ("weighted_loss_mode", "self_paced"): "self-paced balancing is not available yet; use case1..case4",
     ("weighted_loss_mode", "coba"): "CoBa balancing is not available yet; use case1..case4",
@@ -28,25 +29,33 @@ def _unavailable(config: TrainConfig) -> list[Issue]:
         for (field, value), message in NOT_AVAILABLE_YET.items()
         if getattr(config, field) == value
     ]
-    if config.resume_from_checkpoint is not None:
-        issues.append(Issue("resume_from_checkpoint", "resuming is not available yet; leave it null"))
     return issues
 
 
 def _data_issues(config: TrainConfig) -> list[Issue]:
     issues = []
     for i, entry in enumerate(config.data_paths):
-        path = Path(entry).expanduser()
-        if not path.exists():
-            issues.append(Issue(f"data_paths.{i}", f"no such file or directory: {entry}"))
-        elif not task_files(path):
-            issues.append(Issue(f"data_paths.{i}", f"{entry} holds no *.jsonl or *.json file"))
+        try:
+            task_files(entry)
+        except DataError as err:
+            issues.append(Issue(f"data_paths.{i}", str(err)))
     names = Counter(task_name(entry) for entry in config.data_paths)
     for name, count in names.items():
         if count > 1:
             issues.append(
                 Issue("data_paths", f"{count} entries give the task name '{name}'; task names must be unique")
             )
+    if config.metric_for_best != "loss" and config.metric_for_best not in names:
+        issues.append(
+            Issue("metric_for_best", f"'{config.metric_for_best}' is neither `loss` nor a task ({', '.join(names)})")
+        )
+    if config.template == "tokenizer" and config.role_markers != RoleMarkers():
+        issues.append(
+            Issue(
+                "role_markers",
+                "apply to template: mftcoder; with template: tokenizer the tokenizer's chat template sets the layout",
+            )
+        )
     if config.task_weights is not None and len(config.task_weights) != len(config.data_paths):
         issues.append(
             Issue(
@@ -64,6 +73,13 @@ def _model_issues(config: TrainConfig) -> list[Issue]:
         issues.append(Issue("pretrained_model_path", problem))
     elif model_dir is not None and not (model_dir / "config.json").is_file():
         issues.append(Issue("pretrained_model_path", f"{model_dir} has no config.json"))
+    elif model_dir is not None:
+        issues += _family_issues(config, model_dir / "config.json")
+    for field, value in (("peft_type", "qlora"), ("optimizer", "adamw_8bit"), ("optimizer", "paged_adamw_8bit")):
+        if getattr(config, field) == value and importlib.util.find_spec("bitsandbytes") is None:
+            issues.append(Issue(field, f"{value} needs bitsandbytes (>= 0.50 on CPU): pip install bitsandbytes"))
+    if config.quantization_bits is not None and config.peft_type != "qlora":
+        issues.append(Issue("quantization_bits", "applies to peft_type: qlora only; remove it or set peft_type: qlora"))
     if config.tokenizer_path is not None:
         _, problem = locate_model(config.tokenizer_path)
         if problem:
@@ -78,6 +94,14 @@ def _model_issues(config: TrainConfig) -> list[Issue]:
     return issues
 
 
+def _family_issues(config: TrainConfig, model_config: Path) -> list[Issue]:
+    try:
+        model_type = json.loads(model_config.read_text(encoding="utf-8")).get("model_type", "")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        return [Issue("pretrained_model_path", f"{model_config} is not a JSON object: {err}")]
+    return config_issues(model_type, config)
+
+
 def _schedule_issues(config: TrainConfig) -> list[Issue]:
     issues = []
     if config.min_lr > config.learning_rate:
@@ -85,14 +109,8 @@ def _schedule_issues(config: TrainConfig) -> list[Issue]:
             Issue("min_lr", f"min_lr {config.min_lr:g} exceeds learning_rate {config.learning_rate:g}")
         )
     if config.valid_fraction == 0:
-        if config.early_stopping:
-            issues.append(
-                Issue("early_stopping", "needs a validation split; set data_split (e.g. [0.98, 0.02]) or early_stopping: false")
-            )
-        if config.evaluation_steps is not None:
-            issues.append(
-                Issue("evaluation_steps", "needs a validation split; set data_split or evaluation_steps: null")
-            )
+        for name, without in config.validation_users.items():
+            issues.append(Issue(name, f"needs a validation split; set data_split (e.g. [0.98, 0.02]) or {without}"))
     return issues
 
 
@@ -120,9 +138,14 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
         path = Path(p).expanduser()
         return str(path.resolve()) if path.exists() else p
 
+    def local_source(entry: str | DataSource) -> str | DataSource:
+        if isinstance(entry, DataSource):
+            return entry.model_copy(update={"path": local(entry.path)})
+        return local(entry)
+
     return config.model_copy(
         update={
-            "data_paths": [local(p) for p in config.data_paths],
+            "data_paths": [local_source(entry) for entry in config.data_paths],
             "output_dir": str(Path(config.output_dir).expanduser().resolve()),
             "pretrained_model_path": local(config.pretrained_model_path),
             "tokenizer_path": local(config.tokenizer_path) if config.tokenizer_path else None,

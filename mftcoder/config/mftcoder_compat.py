@@ -243,8 +243,9 @@ MFTCODER_FIELDS: dict[str, Copy | Ignore] = {
     ),
     "task_weights": Copy(_weights, None),
     "data_weights": Ignore(
-        "MFTCoder overwrites it with 1.0 for every task, so it never had an effect; "
-        "per-task loss weights are task_weights"
+        "MFTCoder overwrites it with 1.0 for every task, so it never had an effect; mftcoder's per-task "
+        "sampling weight is `weight` in a data_paths entry ({path: ..., weight: 2.0}), and per-task loss "
+        "weights are task_weights"
     ),
     "low_cpu_mem_usage": Ignore("MFTCoder never passed it to from_pretrained"),
     "data_split": Copy(_data_split, "98,2,0"),
@@ -253,13 +254,16 @@ MFTCODER_FIELDS: dict[str, Copy | Ignore] = {
         "sft (loss on the assistant turns only) is what mftcoder does",
         _only(
             "sft",
-            "plain-text continued pre-training is not available yet (tokenize_mode pretrain/sst: "
-            "loss on every token); use tokenize_mode: sft",
+            "tokenize_mode pretrain/sst (loss on every token of chat records, markers removed) has no "
+            "mftcoder equivalent; for continued pre-training give `text` records (format: text)",
         ),
     ),
     "weighted_loss_mode": Copy(_loss_mode, "case3"),
     "peft_type": Copy(default="qlora"),
-    "quantization": Ignore("derived from peft_type (qlora means 4-bit), as MFTCoder itself does"),
+    "quantization": Ignore(
+        "MFTCoder derives it from peft_type and ignores the value given: qlora means 4-bit, as mftcoder's "
+        "quantization_bits defaults to (set quantization_bits: 8 for 8-bit)"
+    ),
     "lora_rank": Copy(default=96, lora_only=True),
     "lora_alpha": Copy(default=32, lora_only=True),
     "lora_dropout": Copy(default=0.05, lora_only=True),

@@ -7,9 +7,9 @@ system live in `checks.py` so that all problems can be reported together.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WrapValidator, field_validator
 
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -24,6 +24,35 @@ class RoleMarkers(BaseModel):
     system: str = "<s>system\n"
     user: str = "<s>human\n"
     assistant: str = "<s>bot\n"
+
+
+DataFormat = Literal["auto", "chat_rounds", "messages", "sharegpt", "alpaca", "prompt_answer", "text"]
+
+
+class DataSource(BaseModel):
+    """One task given as a mapping in `data_paths`: where its records are and how to read them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    name: str | None = Field(None, min_length=1, description="Defaults to the directory name or file stem.")
+    format: DataFormat = Field("auto", description="`auto` detects the format of every record.")
+    weight: float = Field(
+        1.0, gt=0, description="Sampling weight of the train split: 2 = every sample twice per epoch, 0.5 = half."
+    )
+
+
+def _data_entry(value: Any, handler) -> str | DataSource:
+    # Validated by hand so that an error in a mapping is reported at data_paths.<i>.<key>, not once
+    # per union branch; plain strings stay strings, as they were written.
+    if isinstance(value, str):
+        return handler(value)
+    if isinstance(value, dict | DataSource):
+        return DataSource.model_validate(value)
+    raise ValueError("each entry is a path, or a mapping {path, name, format, weight}")
+
+
+DataEntry = Annotated[str | DataSource, WrapValidator(_data_entry)]
 
 
 class TrainConfig(BaseModel):
@@ -48,6 +77,7 @@ class TrainConfig(BaseModel):
         "without a launcher setting.",
     )
     gradient_checkpointing: bool = False
+    torch_compile: bool = Field(False, description="Compile the model with torch.compile (inductor).")
     new_special_tokens: list[str] = Field(
         default_factory=list,
         description="Tokens added to the tokenizer (e.g. role markers); embeddings are resized and "
@@ -56,6 +86,9 @@ class TrainConfig(BaseModel):
 
     # --- parameter-efficient fine-tuning ----------------------------------------------------
     peft_type: Literal["lora", "qlora"] | None = Field("lora", description="null = full fine-tuning.")
+    quantization_bits: Literal[4, 8] | None = Field(
+        None, description="QLoRA only: 4 (NF4 with double quantisation; the default) or 8 (LLM.int8)."
+    )
     lora_rank: int = Field(32, gt=0)
     lora_alpha: float = Field(64, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -66,7 +99,11 @@ class TrainConfig(BaseModel):
     )
 
     # --- data ------------------------------------------------------------------------------
-    data_paths: list[str] = Field(min_length=1, description="One task per entry: a directory or a file.")
+    data_paths: list[DataEntry] = Field(
+        min_length=1,
+        description="One task per entry: a directory, a file or a saved `datasets` dataset; or a mapping "
+        "{path, name, format, weight}.",
+    )
     data_split: list[float] = Field(
         default_factory=lambda: [0.98, 0.02],
         description="Fractions train, valid[, test] per task; they must sum to 1.",
@@ -74,6 +111,16 @@ class TrainConfig(BaseModel):
     padding_mode: Literal["padding", "pack", "concat"] = "padding"
     seq_length: int = Field(2048, gt=1)
     role_markers: RoleMarkers = Field(default_factory=RoleMarkers)
+    template: Literal["mftcoder", "tokenizer"] = Field(
+        "mftcoder",
+        description="`mftcoder`: MFTCoder's layout with role_markers; `tokenizer`: the tokenizer's own chat template.",
+    )
+    overlength: Literal["drop", "truncate", "error"] = Field(
+        "drop", description="What to do with a sample longer than seq_length; always counted per task."
+    )
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="`skip` counts bad records per task and reports the first few instead of stopping."
+    )
     task_weights: list[float] | None = Field(
         None, description="Static per-task loss weights (case3/case4), one per data_paths entry."
     )
@@ -81,11 +128,19 @@ class TrainConfig(BaseModel):
     # --- optimisation ----------------------------------------------------------------------
     output_dir: str
     overwrite_output_dir: bool = False
-    resume_from_checkpoint: str | None = Field(None, description="auto | <checkpoint path> | null.")
+    resume_from_checkpoint: str | None = Field(
+        None, description="auto (the newest complete checkpoint in output_dir, or a fresh start) | a path | null."
+    )
+    allow_inexact_resume: bool = Field(
+        False, description="Resume on a different number of processes (the data order then differs)."
+    )
     weighted_loss_mode: LossMode = "case3"
     per_device_train_batch_size: int = Field(8, gt=0)
     per_device_eval_batch_size: int = Field(8, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="torch AdamW, or bitsandbytes' 8-bit AdamW (paged: state pages to CPU under memory pressure)."
+    )
     learning_rate: float = Field(5e-5, ge=0)
     min_lr: float = Field(0.0, ge=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -109,6 +164,13 @@ class TrainConfig(BaseModel):
     saving_limit: int | None = Field(None, gt=0, description="Most step checkpoints kept.")
     early_stopping: bool = True
     early_stopping_stall_num: int = Field(5, gt=0)
+    metric_for_best: str = Field(
+        "loss", description="`loss` (all tasks) or a task name: what early stopping and best/ follow."
+    )
+    on_nan: Literal["skip", "stop"] = Field(
+        "skip", description="A non-finite loss or gradient norm skips the update, or stops the run."
+    )
+    max_consecutive_nan: int = Field(3, gt=0, description="With on_nan: skip, stop after this many in a row.")
     init_timeout_seconds: int = Field(3600, gt=0)
 
     @field_validator("dtype", mode="before")
@@ -172,3 +234,17 @@ class TrainConfig(BaseModel):
     @property
     def valid_fraction(self) -> float:
         return self.data_split[1]
+
+    @property
+    def validation_users(self) -> dict[str, str]:
+        """The settings that evaluate on the validation split, each with how to do without it.
+
+        A feature that needs validation (CoBa) adds itself here; config checks and the data layer
+        then demand a validation split and validation samples in every task.
+        """
+        users = {}
+        if self.evaluation_steps is not None:
+            users["evaluation_steps"] = "evaluation_steps: null"
+        if self.early_stopping:
+            users["early_stopping"] = "early_stopping: false"
+        return users

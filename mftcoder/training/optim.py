@@ -1,4 +1,5 @@
-"""AdamW and the learning-rate schedule, both defined in optimizer steps."""
+"""The optimizer (AdamW, or bitsandbytes' 8-bit AdamW) and the learning-rate schedule, both defined in
+optimizer steps."""
 
 from __future__ import annotations
 
@@ -10,16 +11,32 @@ from torch.optim.lr_scheduler import LambdaLR
 from mftcoder.config.schema import TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """Weight decay on matrices only: biases and norm weights (1-D) are not decayed."""
+def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    if name == "adamw":
+        return torch.optim.AdamW
+    import bitsandbytes as bnb  # only when asked for: it loads native libraries
+
+    # Paged: the optimizer state lives in memory CUDA can page out to the CPU under pressure; without
+    # CUDA bitsandbytes falls back to the plain 8-bit optimizer (with a warning).
+    return {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Weight decay on matrices only: biases and norm weights (1-D) are not decayed.
+
+    The rank is read from `ds_shape` when present: under ZeRO-3 every parameter is a flat 1-D shard.
+    """
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(
+            (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
+    # No empty group: DeepSpeed drops them, and the scheduler would then count groups that are gone.
+    groups = [
+        {"params": params, "weight_decay": wd}
+        for params, wd in ((decay, config.weight_decay), (no_decay, 0.0))
+        if params
+    ]
+    return _optimizer_class(config.optimizer)(
         groups,
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),

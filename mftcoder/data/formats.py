@@ -1,0 +1,210 @@
+"""Record formats: one JSON object -> canonical messages, or plain text.
+
+Canonical messages: `[{"role": "system" | "user" | "assistant", "content": str}]` with an optional
+leading system turn, then user and assistant alternating from the user, and at least one assistant
+turn (a trailing user turn is kept and never supervised).
+
+Formats, and the order in which `auto` tries them (the first whose keys are present wins):
+
+    chat_rounds    {"chat_rounds": [{"role", "content"}], "system"?}   MFTCoder
+    messages       {"messages": [{"role", "content"}], "system"?}      OpenAI style
+    sharegpt       {"conversations": [{"from", "value"}], "system"?}   ShareGPT
+    alpaca         {"instruction", "input"?, "output", "system"?}      user turn = instruction + "\\n" + input
+    prompt_answer  MFTCoder's pairs, in its order: prompt+answer, prompt+response, input+output,
+                   instruction+output, instruction+response, question+response, question+answer,
+                   query+answer; optional "system"
+    text           {"text"}                                            continued pre-training
+
+Alpaca is tried before the pairs: MFTCoder would read {instruction, input, output} as the pair
+input+output and lose the instruction. Preference records (chosen/rejected) are refused by name.
+Other keys (id, data_name, ...) are ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+ROLE_ALIASES = {
+    "system": "system",
+    "developer": "system",  # OpenAI's newer name for the system turn
+    "human": "user",
+    "user": "user",
+    "bot": "assistant",
+    "assistant": "assistant",
+    "gpt": "assistant",
+}
+ROLES_HINT = "expected system, human/user, bot/assistant/gpt"
+
+PAIR_KEYS = (
+    ("prompt", "answer"),
+    ("prompt", "response"),
+    ("input", "output"),
+    ("instruction", "output"),
+    ("instruction", "response"),
+    ("question", "response"),
+    ("question", "answer"),
+    ("query", "answer"),
+)
+CHAT_KEYS = {"chat_rounds": ("role", "content"), "messages": ("role", "content"), "sharegpt": ("from", "value")}
+LIST_KEY = {"chat_rounds": "chat_rounds", "messages": "messages", "sharegpt": "conversations"}
+FORMATS = ("chat_rounds", "messages", "sharegpt", "alpaca", "prompt_answer", "text")
+
+Message = dict[str, str]
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used; `field` says where in it (the reader adds the file and line)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Parsed:
+    format: str
+    messages: list[Message]
+    text: str | None = None  # set for `text` records, whose every token is a target
+
+
+def _string(obj: Mapping, key: str, field: str | None = None, *, allow_empty: bool = False) -> str:
+    field = field or key
+    if key not in obj:
+        raise BadRecord(field, "missing")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise BadRecord(field, f"must be a string, got {_type(value)}")
+    if not value and not allow_empty:
+        raise BadRecord(field, "empty")
+    return value
+
+
+def _type(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _optional_system(obj: Mapping) -> list[Message]:
+    if obj.get("system") is None:
+        return []
+    system = _string(obj, "system", allow_empty=True)
+    return [{"role": "system", "content": system}] if system else []
+
+
+def _conversation(
+    turns: object, list_field: str, role_key: str, content_key: str, system: list[Message]
+) -> list[Message]:
+    """Validate a list of turns and return the canonical messages (system turns given first)."""
+    if not isinstance(turns, list) or not turns:
+        got = "an empty list" if isinstance(turns, list) else _type(turns)
+        raise BadRecord(list_field, f"must be a non-empty list of {{{role_key}, {content_key}}} objects, got {got}")
+    messages = list(system)
+    for i, turn in enumerate(turns):
+        field = f"{list_field}[{i}]"
+        if not isinstance(turn, dict):
+            raise BadRecord(field, f"must be an object with {role_key} and {content_key}, got {_type(turn)}")
+        if role_key not in turn:
+            raise BadRecord(f"{field}.{role_key}", "missing")
+        role = turn[role_key]
+        if not isinstance(role, str) or role not in ROLE_ALIASES:
+            raise BadRecord(f"{field}.{role_key}", f"unknown role {role!r} ({ROLES_HINT})")
+        role = ROLE_ALIASES[role]
+        content = _string(turn, content_key, f"{field}.{content_key}", allow_empty=True)
+        if not content and role != "system":
+            raise BadRecord(f"{field}.{content_key}", f"empty {role} turn")
+        if role == "system":
+            if i != 0:
+                raise BadRecord(f"{field}.{role_key}", "a system turn may only come first")
+            if system:
+                raise BadRecord(f"{field}.{role_key}", "the record also has a top-level system; give one of them")
+            if content:
+                messages.append({"role": role, "content": content})
+            continue
+        expected = "assistant" if messages and messages[-1]["role"] == "user" else "user"
+        if role != expected:
+            raise BadRecord(
+                f"{field}.{role_key}", f"expected the {expected} turn here, got {role} (turns alternate, user first)"
+            )
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord(list_field, "no assistant turn, so nothing to learn from")
+    return messages
+
+
+def _pair(obj: Mapping, prompt_key: str, answer_key: str) -> list[Message]:
+    return [
+        *_optional_system(obj),
+        {"role": "user", "content": _string(obj, prompt_key)},
+        {"role": "assistant", "content": _string(obj, answer_key)},
+    ]
+
+
+def _alpaca(obj: Mapping) -> list[Message]:
+    instruction = _string(obj, "instruction")
+    extra = _string(obj, "input", allow_empty=True) if obj.get("input") is not None else ""
+    prompt = f"{instruction}\n{extra}" if extra else instruction
+    return [
+        *_optional_system(obj),
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": _string(obj, "output")},
+    ]
+
+
+def _matches(obj: Mapping, fmt: str) -> bool:
+    if fmt in LIST_KEY:
+        return LIST_KEY[fmt] in obj
+    if fmt == "alpaca":
+        return "instruction" in obj and "output" in obj
+    if fmt == "prompt_answer":
+        return any(p in obj and a in obj for p, a in PAIR_KEYS)
+    return fmt in obj  # text
+
+
+def detect(obj: Mapping) -> str:
+    for fmt in FORMATS:
+        if _matches(obj, fmt):
+            return fmt
+    keys = ", ".join(sorted(obj)) or "none"
+    raise BadRecord(
+        "record",
+        f"no known format (keys: {keys}); expected chat_rounds, messages, conversations (ShareGPT), "
+        "instruction/output (Alpaca), a prompt/answer pair such as prompt+response, or text",
+    )
+
+
+def _required_keys(fmt: str) -> str:
+    if fmt in LIST_KEY:
+        return LIST_KEY[fmt]
+    if fmt == "alpaca":
+        return "instruction and output"
+    if fmt == "prompt_answer":
+        return " or ".join(f"{p}+{a}" for p, a in PAIR_KEYS)
+    return "text"
+
+
+def parse_record(obj: object, fmt: str = "auto") -> Parsed:
+    """The canonical content of one record; `fmt` forces a format (`auto`: detect it)."""
+    if not isinstance(obj, dict):
+        raise BadRecord("record", f"expected a JSON object, got {_type(obj)}")
+    if "chosen" in obj and "rejected" in obj:
+        raise BadRecord(
+            "record",
+            "this is preference data (chosen/rejected, for DPO/ORPO); mftcoder trains on supervised "
+            "records (chat_rounds, messages, conversations, instruction/output, prompt/answer pairs, text)",
+        )
+    if fmt == "auto":
+        fmt = detect(obj)
+    elif not _matches(obj, fmt):
+        keys = ", ".join(sorted(obj)) or "none"
+        raise BadRecord("record", f"format {fmt} needs {_required_keys(fmt)} (the record has keys: {keys})")
+    if fmt in CHAT_KEYS:
+        role_key, content_key = CHAT_KEYS[fmt]
+        system = _optional_system(obj)
+        return Parsed(fmt, _conversation(obj[LIST_KEY[fmt]], LIST_KEY[fmt], role_key, content_key, system))
+    if fmt == "alpaca":
+        return Parsed(fmt, _alpaca(obj))
+    if fmt == "prompt_answer":
+        prompt_key, answer_key = next((p, a) for p, a in PAIR_KEYS if p in obj and a in obj)
+        return Parsed(fmt, _pair(obj, prompt_key, answer_key))
+    return Parsed(fmt, [], _string(obj, "text"))
