@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import DEMO_MODEL, REPO, read_metrics
+from conftest import DEMO_MODEL, REPO, launch_env, read_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -42,19 +42,19 @@ def write_config(path: Path, data_paths: list[str], output_dir: Path, **override
     return path
 
 
-def launch(config: Path, *extra: str, processes: int = 1) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
-        env.pop(key, None)
-    if processes == 1:
+def launch(config: Path, *extra: str, processes: int = 1, preset: str | None = None) -> subprocess.Popen:
+    """`python -m mftcoder train`, or `accelerate launch` with `processes` processes (and a preset)."""
+    if processes == 1 and preset is None:
         command = [sys.executable, "-m", "mftcoder", "train", str(config), *extra]
     else:
+        launcher = ["--config_file", str(REPO / "configs" / "accelerate" / preset)] if preset else ["--multi_gpu"]
         command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(processes),
             "--main_process_port", "0", "-m", "mftcoder", "train", str(config), *extra,
         ]
     return subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        command, cwd=REPO, env={**launch_env(), "TOKENIZERS_PARALLELISM": "false"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
 
 
@@ -109,9 +109,10 @@ def data(tmp_path_factory):
     return write_subset(tmp_path_factory.mktemp("resume_data"), 30)
 
 
-def reference_run(tmp_path: Path, data: list[str], processes: int = 1, **overrides) -> Path:
+def reference_run(tmp_path: Path, data: list[str], processes: int = 1, preset: str | None = None, **overrides) -> Path:
     out = tmp_path / "reference"
-    code, output = finish(launch(write_config(tmp_path / "reference.yaml", data, out, **overrides), processes=processes))
+    config = write_config(tmp_path / "reference.yaml", data, out, **overrides)
+    code, output = finish(launch(config, processes=processes, preset=preset))
     assert code == 0, output[-3000:]
     return out
 
@@ -185,4 +186,23 @@ def test_two_process_sigterm_stops_every_rank_at_the_same_step(tmp_path, data):
     code, output = finish(launch(config, "resume_from_checkpoint=auto", processes=2))
     assert code == 0, output[-3000:]
     assert resumed_step(output) == stopped.pop()
+    assert_same_run(out, reference)
+
+
+@pytest.mark.dist
+def test_deepspeed_zero2_killed_and_resumed_is_exact(tmp_path, data):
+    """Under DeepSpeed the sharded optimizer state goes through Accelerate's save_state/load_state."""
+    common = dict(per_device_train_batch_size=1, max_grad_norm=1.0)
+    reference = reference_run(tmp_path, data, processes=2, preset="deepspeed_zero2.yaml", **common)
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", data, out, **common)
+    process = launch(config, processes=2, preset="deepspeed_zero2.yaml")
+    interrupt_at(process, out, random.randint(4, TOTAL - 3), signal.SIGKILL)
+    process.wait(timeout=60)
+    code, output = finish(launch(config, "resume_from_checkpoint=auto", processes=2, preset="deepspeed_zero2.yaml"))
+    assert code == 0, output[-3000:]
+    assert "distributed=DEEPSPEED" in output
+    start = resumed_step(output)
+    assert (out / "checkpoints" / f"step-{start}" / "state").is_dir()
+    assert f"({TOTAL - start} steps in this process)" in output
     assert_same_run(out, reference)
