@@ -1,4 +1,4 @@
-"""Console entry: `mftcoder train | validate | merge`. A thin shell over plain functions.
+"""Console entry: `mftcoder train | validate | preprocess | merge | plot`. A thin shell over plain functions.
 
 Only mftcoder's own errors are caught and printed as one message (on the main process); any other
 exception is a bug and keeps its traceback.
@@ -47,10 +47,34 @@ def cmd_train(args) -> int:
     return 128 + signal.Signals.__members__.get(result.stopped_by, signal.SIGTERM).value
 
 
+def cmd_preprocess(args) -> int:
+    from mftcoder.data.cache import REPORT
+    from mftcoder.data.dataset import build_datasets, report_table
+    from mftcoder.data.template import chat_format
+    from mftcoder.models.loading import load_tokenizer
+    from mftcoder.training.outputs import write_json
+
+    config = _load(args)
+    tokenizer = load_tokenizer(config)
+    data = build_datasets(config, tokenizer, chat_format(config, tokenizer))
+    print(report_table(data.report))
+    write_json(data.cache / REPORT, data.report_dict())
+    print(f"data report: {data.cache / REPORT}")
+    return 0
+
+
 def cmd_merge(args) -> int:
     from mftcoder.merge import merge_adapter
 
     merge_adapter(args.adapter, args.output, base=args.base, dtype=args.dtype, qlora_dequantized=args.qlora_dequantized)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from mftcoder.plotting import plot_run
+
+    for path in plot_run(args.output_dir):
+        print(path)
     return 0
 
 
@@ -65,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="print the resolved config, or every problem in it")
     _add_config_args(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("preprocess", help="tokenize the data into the cache (before a multi-GPU launch); print its report")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model")
     p.add_argument("--adapter", required=True, help="adapter directory (e.g. OUTPUT_DIR/final)")
@@ -85,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
         "on the demo model the logits move by up to 0.14)",
     )
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("plot", help="PNG charts of a run's per-task losses and weights, into OUTPUT_DIR/logs")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's output directory")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

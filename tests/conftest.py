@@ -24,6 +24,13 @@ DEMO_MODEL = DEMO / "model"
 DEMO_TASKS = ("code_completion", "text_to_code", "unit_test_generation")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory):
+    """Tokenized data is cached in a directory of the session (also for subprocess runs), never in
+    the user's ~/.cache/mftcoder."""
+    os.environ["MFTCODER_CACHE"] = str(tmp_path_factory.mktemp("mftcoder_cache"))
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

@@ -137,7 +137,7 @@ def test_validation_needed_without_a_validation_split(config_file):
 
 @pytest.mark.parametrize(
     ("override", "field"),
-    [("padding_mode=concat", "padding_mode"), ("padding_mode=pack", "padding_mode"), ("weighted_loss_mode=coba", "weighted_loss_mode")],
+    [("weighted_loss_mode=coba", "weighted_loss_mode")],
 )
 def test_features_not_landed_yet_say_so(config_file, override, field):
     with pytest.raises(ConfigError) as excinfo:

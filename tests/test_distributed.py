@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from accelerate.state import AcceleratorState, PartialState
 from safetensors.torch import load_file
 
-from conftest import DEMO_MODEL, DEMO_TASKS
+from conftest import DEMO_MODEL, DEMO_TASKS, launch_env
 from mftcoder.cli import main
 from mftcoder.config import dump_config, validate_mapping
 
@@ -73,15 +72,6 @@ def config_file(small_data, tmp_path_factory) -> Path:
     return path
 
 
-def _launch_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    # The product must pick the CPU itself; and nothing from an outer launcher may leak in.
-    for name in ("ACCELERATE_USE_CPU", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
-
-
 @pytest.fixture(scope="module")
 def ddp_run(config_file) -> tuple[Path, str]:
     """One 2-process launch, shared by the tests below: (OUTPUT_DIR, console output)."""
@@ -92,7 +82,7 @@ def ddp_run(config_file) -> tuple[Path, str]:
         "-m", "mftcoder", "train", str(config_file), f"output_dir={out}", *DDP_OVERRIDES,
     ]  # fmt: skip
     proc = subprocess.run(
-        command, env=_launch_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=config_file.parent
+        command, env=launch_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=config_file.parent
     )
     console = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{console[-6000:]}"

@@ -62,6 +62,11 @@ SAMPLE_SPECIFICS: dict[str, dict[str, Any]] = {
         "per_device_eval_batch_size": 8,
         "data_split": [0.95, 0.05],
         "weighted_loss_mode": "coba",
+        "coba_warmup_steps": 100,
+        "coba_history_length": 200,
+        "coba_tau": 5,
+        "coba_update_interval": 1,
+        "coba_sample_valid_num": 1,
     },
 }
 # Fields the validator reports as "not available yet" (checks.NOT_AVAILABLE_YET) per sample.
@@ -175,9 +180,13 @@ def test_every_field_is_mapped_or_ignored_with_a_reason(field: str) -> None:
 
 
 @pytest.mark.parametrize("field", SELF_PACED_FIELDS + [f for f in SPEC_FIELDS if f.startswith("coba_")])
-def test_balancing_hyper_parameters_wait_for_their_mode(field: str) -> None:
+def test_balancing_hyper_parameters_are_copied(field: str) -> None:
     rule = MFTCODER_FIELDS[field]
-    assert isinstance(rule, Ignore) and "not available yet" in rule.reason
+    assert isinstance(rule, Copy)
+    # MFTCoder's defaults are ours: a config that omits them trains the same without a note.
+    assert rule.default == TrainConfig.model_fields[field].default
+    translated, notes = translate_mftcoder(minimal(**{field: 7}))
+    assert translated[field] == 7
 
 
 # --- the shipped sample configs -------------------------------------------------------------
@@ -217,11 +226,14 @@ def test_sample_config_loads(name: str, workspace: dict[str, Path]) -> None:
     assert "<output_dir>/logs" in note_for(notes, "tb_dir")
 
 
-def test_coba_sample_notes_each_coba_field(workspace: dict[str, Path]) -> None:
+def test_coba_sample_keeps_its_coba_fields(workspace: dict[str, Path]) -> None:
     translated, notes = translate_mftcoder(json.loads(instantiate_sample("coba", workspace).read_text()))
-    for field in [f for f in SPEC_FIELDS if f.startswith("coba_")]:
-        assert field not in translated
-        assert "not available yet" in note_for(notes, field)
+    assert {f: translated[f] for f in SPEC_FIELDS if f.startswith("coba_")} == {
+        f: SAMPLE_SPECIFICS["coba"][f] for f in SPEC_FIELDS if f.startswith("coba_")
+    }
+    # Only the batch count says something: MFTCoder counts it per process.
+    assert "on all processes together" in note_for(notes, "coba_sample_valid_num")
+    assert not any(note.startswith(("coba_warmup_steps", "coba_tau")) for note in notes)
 
 
 def test_dpo_sample_is_refused_as_preference_training(workspace: dict[str, Path]) -> None:
@@ -316,8 +328,8 @@ def test_selfpaced_maps_to_self_paced() -> None:
     translated, notes = translate_mftcoder(minimal(weighted_loss_mode="selfpaced", selfpaced_interval=1))
     assert translated["weighted_loss_mode"] == "self_paced"
     assert '"self_paced"' in note_for(notes, "weighted_loss_mode")
-    assert "selfpaced_interval" not in translated
-    assert "not available yet" in note_for(notes, "selfpaced_interval")
+    assert translated["selfpaced_interval"] == 1
+    assert not any(note.startswith("selfpaced_interval") for note in notes)
 
 
 def test_explicit_auto_resume_and_resume_path() -> None:

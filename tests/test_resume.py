@@ -117,11 +117,13 @@ def reference_run(tmp_path: Path, data: list[str], processes: int = 1, preset: s
     return out
 
 
-@pytest.mark.parametrize("peft_type", ["lora", None], ids=["lora", "full"])
-def test_sigkill_at_a_random_step_then_resume_is_exact(tmp_path, data, peft_type):
-    reference = reference_run(tmp_path, data, peft_type=peft_type)
+@pytest.mark.parametrize(
+    ("peft_type", "padding_mode"), [("lora", "padding"), (None, "padding"), ("lora", "pack")], ids=["lora", "full", "pack"]
+)
+def test_sigkill_at_a_random_step_then_resume_is_exact(tmp_path, data, peft_type, padding_mode):
+    reference = reference_run(tmp_path, data, peft_type=peft_type, padding_mode=padding_mode)
     out = tmp_path / "run"
-    config = write_config(tmp_path / "run.yaml", data, out, peft_type=peft_type)
+    config = write_config(tmp_path / "run.yaml", data, out, peft_type=peft_type, padding_mode=padding_mode)
     kill_at = random.randint(4, TOTAL - 3)
     process = launch(config)
     interrupt_at(process, out, kill_at, signal.SIGKILL)

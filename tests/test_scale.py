@@ -281,11 +281,6 @@ def test_zero3_runs_in_the_presets_bf16(zero3_from_config):
 
 
 @pytest.mark.dist
-@pytest.mark.xfail(
-    strict=True,
-    reason="Trainer._build_model saves base_model/ from a model built under ZeRO-3's zero.Init without "
-    "gathering it: every tensor in base_model/model.safetensors is empty (shape [0])",
-)
 def test_zero3_from_config_saves_the_real_base_model(zero3_from_config):
     from transformers import AutoConfig
 

@@ -8,6 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 from mftcoder.config.schema import DataSource, RoleMarkers, TrainConfig
+from mftcoder.data.cache import cache_root
+from mftcoder.data.packing import packing_issues
 from mftcoder.data.tasks import task_files, task_name
 from mftcoder.errors import DataError, Issue
 from mftcoder.models.families import config_issues
@@ -15,8 +17,6 @@ from mftcoder.models.resolve import locate_model
 
 # Values the schema knows (MFTCoder configs use them) whose implementation has not landed yet.
 NOT_AVAILABLE_YET = {
-    ("padding_mode", "pack"): "packing is not available yet; use padding_mode: padding",
-    ("padding_mode", "concat"): "concat (stream chunking) is not available yet; use padding_mode: padding",
     ("weighted_loss_mode", "focal"): "focal balancing is not available yet; use case1..case4",
     ("weighted_loss_mode", "self_paced"): "self-paced balancing is not available yet; use case1..case4",
     ("weighted_loss_mode", "coba"): "CoBa balancing is not available yet; use case1..case4",
@@ -54,6 +54,14 @@ def _data_issues(config: TrainConfig) -> list[Issue]:
             Issue(
                 "role_markers",
                 "apply to template: mftcoder; with template: tokenizer the tokenizer's chat template sets the layout",
+            )
+        )
+    if config.task_weights is not None and config.weighted_loss_mode in ("self_paced", "coba"):
+        issues.append(
+            Issue(
+                "task_weights",
+                f"weighted_loss_mode {config.weighted_loss_mode} learns the task weights from validation losses; "
+                "remove task_weights, or use case3, case4 or focal for static weights",
             )
         )
     if config.task_weights is not None and len(config.task_weights) != len(config.data_paths):
@@ -99,7 +107,7 @@ def _family_issues(config: TrainConfig, model_config: Path) -> list[Issue]:
         model_type = json.loads(model_config.read_text(encoding="utf-8")).get("model_type", "")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
         return [Issue("pretrained_model_path", f"{model_config} is not a JSON object: {err}")]
-    return config_issues(model_type, config)
+    return config_issues(model_type, config) + packing_issues(model_type, config)
 
 
 def _schedule_issues(config: TrainConfig) -> list[Issue]:
@@ -118,6 +126,10 @@ def _output_issues(config: TrainConfig) -> list[Issue]:
     out = Path(config.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         return [Issue("output_dir", f"{config.output_dir} is a file")]
+    cached = cache_root(config)
+    if cached == out.resolve() or out.resolve() in cached.parents:
+        given = "" if config.cache_dir else " (from $MFTCODER_CACHE)"
+        return [Issue("cache_dir", f"{cached}{given} is inside output_dir, which a new run may clear; put it elsewhere")]
     return []
 
 

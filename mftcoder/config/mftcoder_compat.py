@@ -154,6 +154,13 @@ def _timeout(value: Any, raw: Mapping[str, Any]) -> tuple[Any, str]:
     return value, ""
 
 
+def _batches_on_all_processes(value: Any, raw: Mapping[str, Any]) -> tuple[Any, str]:
+    return value, (
+        "MFTCoder evaluates this many validation batches on every process, mftcoder on all processes "
+        "together, so that the weights do not depend on the number of processes (the same on one process)"
+    )
+
+
 def _only(accepted: Any, message: str) -> Callable[[Any], None]:
     """A check for an ignored field whose other values mftcoder cannot honour."""
 
@@ -222,9 +229,6 @@ class Ignore:
 BINARY_PATH_ONLY = "MFTCoder reads it only on its Megatron binary data path, which mftcoder does not have"
 LEGACY = "a legacy field MFTCoder no longer reads"
 FROM_LAUNCHER = "it comes from the launcher (accelerate config / command line), as in MFTCoder, which overwrote it"
-# When CoBa or self-paced balancing lands, turn these entries into `Copy(default=...)`.
-COBA_NOT_YET = "a CoBa hyper-parameter, and weighted_loss_mode coba is not available yet in mftcoder"
-SELF_PACED_NOT_YET = "a self-paced hyper-parameter, and weighted_loss_mode self_paced is not available yet in mftcoder"
 
 # Order and defaults follow the MFTCoder v0.5 `MftTrainArgs` table, then the v0.3/v0.4 self-paced fields.
 MFTCODER_FIELDS: dict[str, Copy | Ignore] = {
@@ -298,11 +302,11 @@ MFTCODER_FIELDS: dict[str, Copy | Ignore] = {
     "early_stopping_stall_num": Copy(default=5),
     "saving_limit": Copy(_saving_limit, None),
     "use_dynamic_padding": Ignore("mftcoder always pads a batch to its longest sample"),
-    "coba_warmup_steps": Ignore(COBA_NOT_YET),
-    "coba_history_length": Ignore(COBA_NOT_YET),
-    "coba_tau": Ignore(COBA_NOT_YET),
-    "coba_update_interval": Ignore(COBA_NOT_YET),
-    "coba_sample_valid_num": Ignore(COBA_NOT_YET),
+    "coba_warmup_steps": Copy(default=100),
+    "coba_history_length": Copy(default=200),
+    "coba_tau": Copy(default=5),
+    "coba_update_interval": Copy(default=1),
+    "coba_sample_valid_num": Copy(_batches_on_all_processes, 1),
     "attn_implementation": Copy(_attention, "flash_attention_2"),
     "role_markers": Copy(_null_is_default, None),  # MFTCoder's null markers are our defaults
     "distributed_type": Ignore(FROM_LAUNCHER),
@@ -315,10 +319,10 @@ MFTCODER_FIELDS: dict[str, Copy | Ignore] = {
     "model_parallel_size": Ignore("MFTCoder only computed a padded vocabulary size from it that nothing used"),
     "use_slow_tokenizer": Ignore(LEGACY),
     "world_size": Ignore(FROM_LAUNCHER),
-    "selfpaced_interval": Ignore(SELF_PACED_NOT_YET),
-    "selfpaced_history_length": Ignore(SELF_PACED_NOT_YET),
-    "selfpaced_sample_valid_num": Ignore(SELF_PACED_NOT_YET),
-    "selfpaced_scale_factor": Ignore(SELF_PACED_NOT_YET),
+    "selfpaced_interval": Copy(default=1),
+    "selfpaced_history_length": Copy(default=100),
+    "selfpaced_sample_valid_num": Copy(_batches_on_all_processes, 1),
+    "selfpaced_scale_factor": Copy(default=50),
 }
 
 # Keys that only an MFTCoder config has; derived so that a field our schema adopts stops counting.

@@ -108,8 +108,18 @@ class TrainConfig(BaseModel):
         default_factory=lambda: [0.98, 0.02],
         description="Fractions train, valid[, test] per task; they must sum to 1.",
     )
-    padding_mode: Literal["padding", "pack", "concat"] = "padding"
+    padding_mode: Literal["padding", "pack", "concat"] = Field(
+        "padding",
+        description="`padding`: one sample per row; `pack`: whole samples in rows of seq_length tokens, isolated; "
+        "`concat`: text records streamed into seq_length windows.",
+    )
     seq_length: int = Field(2048, gt=1)
+    cache_dir: str | None = Field(
+        None, description="Where tokenized data is cached; null: $MFTCODER_CACHE, else ~/.cache/mftcoder."
+    )
+    num_proc: int | None = Field(
+        None, gt=0, description="Tokenizing processes; null: one per 1,000 records, at most one per CPU core."
+    )
     role_markers: RoleMarkers = Field(default_factory=RoleMarkers)
     template: Literal["mftcoder", "tokenizer"] = Field(
         "mftcoder",
@@ -155,6 +165,29 @@ class TrainConfig(BaseModel):
     num_train_epochs: int = Field(4, gt=0)
     max_train_steps: int | None = Field(None, gt=0, description="Overrides num_train_epochs when set.")
     seed: int = 1234
+
+    # --- loss balancing: weighted_loss_mode focal, self_paced, coba (mftcoder.losses) --------
+    focal_level: Literal["task", "sample"] = Field(
+        "task", description="focal: down-weight easy tasks (task, on case3) or easy samples (sample, on case2)."
+    )
+    focal_gamma: float = Field(2.0, ge=0, description="focal: γ of the factor (1 - p)^γ; 0 gives case3 / case2.")
+    selfpaced_interval: int = Field(1, gt=0, description="self_paced: optimizer steps between weight updates.")
+    selfpaced_history_length: int = Field(
+        100, ge=2, description="self_paced: validation samples the slopes are fitted on; weights are uniform until full."
+    )
+    selfpaced_sample_valid_num: int = Field(
+        1, gt=0, description="self_paced: validation batches per update, on all processes together."
+    )
+    selfpaced_scale_factor: float = Field(50.0, gt=0, description="self_paced: s in w = softmax(s · score).")
+    coba_warmup_steps: int = Field(100, ge=0, description="coba: optimizer steps with uniform weights.")
+    coba_history_length: int = Field(
+        200, ge=2, description="coba: validation samples the slopes are fitted on, and updates in the ACS and DF windows."
+    )
+    coba_tau: float = Field(5.0, gt=0, description="coba: temperature τ of the divergence factor.")
+    coba_update_interval: int = Field(1, gt=0, description="coba: optimizer steps between weight updates.")
+    coba_sample_valid_num: int = Field(
+        1, gt=0, description="coba: validation batches per update, on all processes together."
+    )
 
     # --- logging, evaluation, checkpoints ---------------------------------------------------
     log_interval: int = Field(10, gt=0)
@@ -247,4 +280,8 @@ class TrainConfig(BaseModel):
             users["evaluation_steps"] = "evaluation_steps: null"
         if self.early_stopping:
             users["early_stopping"] = "early_stopping: false"
+        if self.weighted_loss_mode in ("self_paced", "coba"):
+            users["weighted_loss_mode"] = (
+                "a weighted_loss_mode that does not learn from validation losses (case1..case4, focal)"
+            )
         return users

@@ -53,6 +53,8 @@ SAFE_TO_CHANGE = frozenset(
         "on_nan",
         "max_consecutive_nan",
         "output_dir",
+        "cache_dir",
+        "num_proc",
     }
 )
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from mftcoder.data.batching import collate, rank_micro_batches
-from mftcoder.data.dataset import Sample
+from mftcoder.data.batching import Split, rank_micro_batches
 from mftcoder.losses.modes import task_sums, token_losses
 from mftcoder.training.metrics import per_task
+
+# Batch entries the model takes. A packed batch has position ids and no attention mask (plus the
+# sequence lengths under flash-attention), a padded one an attention mask.
+MODEL_INPUTS = (
+    "input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -20,26 +24,36 @@ class Evaluation:
 
 
 def forward_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token CE of one collated batch (already on the model's device)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    """Per-token CE of one collated batch (already on the model's device).
+
+    Never with a cache: transformers derives the block-diagonal mask of a packed batch from its
+    position ids only when there is neither an attention mask nor a cache, and a model's default
+    `use_cache=True` would create one even in training."""
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+    logits = model(**inputs, use_cache=False).logits
     return token_losses(logits, batch["targets"])
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+def to_device(batch: dict[str, torch.Tensor | int], device: torch.device) -> dict[str, torch.Tensor | int]:
+    """Tensors to `device`; plain ints (flash-attention's max lengths) stay on the host."""
+    return {
+        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
+    }
 
 
 @torch.no_grad()
-def evaluate(model, accelerator, samples: Sequence[Sample], tasks: list[str], batch_size: int, pad_id: int) -> Evaluation:
+def evaluate(model, accelerator, split: Split, tasks: list[str], batch_size: int, pad_id: int) -> Evaluation:
     """Independent of the loss mode: task t's loss is its CE sum over its validation targets divided
-    by their count; `loss` is the same over all tasks. Each sample is evaluated once on one rank."""
+    by their count; `loss` is the same over all tasks. Each unit of the split (a sample, or a packed
+    row in pack mode) is evaluated once on one rank."""
     num_tasks = len(tasks)
     sums = torch.zeros(2, num_tasks, dtype=torch.float64, device=accelerator.device)
-    batches = rank_micro_batches(range(len(samples)), batch_size, accelerator.num_processes, accelerator.process_index)
+    batches = rank_micro_batches(range(split.units), batch_size, accelerator.num_processes, accelerator.process_index)
     was_training = model.training
     model.eval()
-    for indices in batches:
-        batch = to_device(collate([samples[i] for i in indices], pad_id), accelerator.device)
+    for units in batches:
+        batch = to_device(split.batch(units, pad_id), accelerator.device)
         ce = forward_token_losses(model, batch)
         sums[0] += task_sums(ce, batch, num_tasks).double()
         sums[1] += task_sums(torch.ones_like(ce), batch, num_tasks).double()

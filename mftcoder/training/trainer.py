@@ -24,10 +24,11 @@ from accelerate.utils import DistributedType, set_seed
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mftcoder.config.loading import dump_config
 from mftcoder.config.schema import TrainConfig
-from mftcoder.data.batching import collate, rank_micro_batches
+from mftcoder.data.batching import rank_micro_batches
 from mftcoder.data.dataset import build_datasets, report_table, steps_per_epoch
 from mftcoder.errors import LaunchError, TrainingError
 from mftcoder.losses.modes import batch_counts, task_sums, token_coefficients
@@ -125,6 +126,25 @@ class Trainer:
             outputs.write_json(self.out / "run.json", info)
         self.accelerator.wait_for_everyone()
 
+    def _save_base(self, base_dir: Path, model, tokenizer) -> None:
+        """The seeded initial weights, written once (a resume finds them there) and atomically.
+        Under ZeRO-3 the model is built sharded: gather it (every rank) for the main process to write."""
+        if base_dir.is_dir():
+            return
+        gather = contextlib.nullcontext()
+        if is_deepspeed_zero3_enabled():
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
+        with gather:
+            if self.main:
+                tmp = base_dir.with_name("base_model.tmp")
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                outputs.save_pretrained(tmp, model, tokenizer, state_dict=None)
+                outputs.publish(tmp, base_dir)
+        self.accelerator.wait_for_everyone()
+
     def _build_model(self, tokenizer):
         config = self.config
         compute = COMPUTE_DTYPE[self.accelerator.mixed_precision]
@@ -134,11 +154,9 @@ class Trainer:
         base_ref = config.pretrained_model_path
         if config.model_init == "from_config":
             base_dir = self.out / "base_model"
-            if self.main:
-                outputs.save_pretrained(base_dir, model, tokenizer, state_dict=None)
+            self._save_base(base_dir, model, tokenizer)
             base_ref = str(base_dir)
             if config.peft_type == "qlora":  # bitsandbytes quantises while loading: read the saved weights back
-                self.accelerator.wait_for_everyone()
                 model = load_model(config, tokenizer, storage, source=base_dir)
         if config.peft_type:
             set_seed(config.seed)  # identical LoRA initialisation on every rank
@@ -162,7 +180,7 @@ class Trainer:
         the log window, the gradient norm, and whether the step was finite on every rank."""
         acc, config, data = self.accelerator, self.config, self.data
         num_tasks = len(data.tasks)
-        batches = [collate([data.train[i] for i in indices], self.pad_id) for indices in micro_batches]
+        batches = [data.train.batch(indices, self.pad_id) for indices in micro_batches]
         local_counts = [batch_counts(b, num_tasks) for b in batches]
         step_counts = acc.reduce(torch.stack(local_counts).sum(0).to(acc.device), reduction="sum")
         # accelerate divides by its accumulation steps; DDP averages over ranks: undo both, since the
@@ -178,7 +196,7 @@ class Trainer:
                 coef = token_coefficients(config.weighted_loss_mode, batch, step_counts, self.task_weights)
                 objective = (coef * ce).sum()
                 acc.backward(objective * scale)
-            tokens = sum(len(data.train[j].input_ids) for j in indices)
+            tokens = data.train.tokens(indices)
             step_sums += self.window.micro_batch(objective, task_sums(ce.detach(), batch, num_tasks), local_counts[i][0], tokens)
         grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm or math.inf))
         bad = torch.tensor(float(not (math.isfinite(step_sums[0]) and math.isfinite(grad_norm))), device=acc.device)
@@ -193,7 +211,7 @@ class Trainer:
     def _non_finite(self, group: list[list[int]]) -> None:
         """Count a skipped update, or stop naming the step and its tasks."""
         p, config = self.progress, self.config
-        tasks = sorted({self.data.tasks[self.data.train[i].task_id] for indices in group for i in indices})
+        tasks = sorted({self.data.tasks[t] for indices in group for t in self.data.train.task_ids(indices)})
         where = f"step {p.step}: non-finite loss or gradient norm (tasks in this rank's batch: {', '.join(tasks)})"
         p.skipped_steps += 1
         p.consecutive_nan += 1
