@@ -43,13 +43,15 @@ def to_device(batch: dict[str, torch.Tensor | int], device: torch.device) -> dic
 
 
 @torch.no_grad()
-def evaluate(model, accelerator, split: Split, tasks: list[str], batch_size: int, pad_id: int) -> Evaluation:
+def evaluate(
+    model, accelerator, split: Split, tasks: list[str], batch_size: int, pad_id: int, units: list[int] | None = None
+) -> Evaluation:
     """Independent of the loss mode: task t's loss is its CE sum over its validation targets divided
     by their count; `loss` is the same over all tasks. Each unit of the split (a sample, or a packed
-    row in pack mode) is evaluated once on one rank."""
+    row in pack mode) is evaluated once on one rank; `units` restricts that to some of them."""
     num_tasks = len(tasks)
     sums = torch.zeros(2, num_tasks, dtype=torch.float64, device=accelerator.device)
-    batches = rank_micro_batches(range(split.units), batch_size, accelerator.num_processes, accelerator.process_index)
+    batches = rank_micro_batches(range(split.units) if units is None else units, batch_size, accelerator.num_processes, accelerator.process_index)
     was_training = model.training
     model.eval()
     for units in batches:

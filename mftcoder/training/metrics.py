@@ -66,12 +66,13 @@ class TrainWindow:
 
 
 class MetricsLog:
-    def __init__(self, logs_dir: Path, enabled: bool, resume: tuple[int, int] | None = None):
+    def __init__(self, logs_dir: Path, enabled: bool, resume: tuple[int, int] | None = None, weight_tag: str = "weight"):
         """`resume`: (step, lines) of the checkpoint resumed from. What an interrupted run logged after
         its checkpoint is dropped: lines beyond the count it had written, TensorBoard events after
         its step (events logged at that very step after the checkpoint may then appear twice)."""
         self.enabled = enabled
         self.lines = 0
+        self.weight_tag = weight_tag  # `{task}_{weight_tag}/train`: MFTCoder's coba_weight and its kin
         if not enabled:
             return
         logs_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +100,7 @@ class MetricsLog:
             self.tb.add_scalar("GradNorm/train", record["grad_norm"], step)
             self.tb.add_scalar("TokensPerSecond/train", record["tokens_per_s"], step)
             for task, value in record.get("task_weight", {}).items():
-                self.tb.add_scalar(f"{task}_weight/train", value, step)
+                self.tb.add_scalar(f"{task}_{self.weight_tag}/train", value, step)
         self.tb.flush()
 
     def close(self) -> None:

@@ -31,7 +31,9 @@ from mftcoder.config.schema import TrainConfig
 from mftcoder.data.batching import rank_micro_batches
 from mftcoder.data.dataset import build_datasets, report_table, steps_per_epoch
 from mftcoder.errors import LaunchError, TrainingError
-from mftcoder.losses.modes import batch_counts, task_sums, token_coefficients
+from mftcoder.losses.balancing import loss_vector
+from mftcoder.losses.modes import batch_counts, task_sums
+from mftcoder.losses.weighting import balancing_warnings, build_balancing
 from mftcoder.merge import BASE_INFO, base_model_info
 from mftcoder.data.template import chat_format
 from mftcoder.models.loading import load_model, load_tokenizer, wrap_lora
@@ -193,14 +195,19 @@ class Trainer:
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
                 batch = to_device(batch, acc.device)
                 ce = forward_token_losses(self.model, batch)
-                coef = token_coefficients(config.weighted_loss_mode, batch, step_counts, self.task_weights)
+                coef = self.balancing.coefficients(batch, ce, step_counts)
                 objective = (coef * ce).sum()
                 acc.backward(objective * scale)
             tokens = data.train.tokens(indices)
             step_sums += self.window.micro_batch(objective, task_sums(ce.detach(), batch, num_tasks), local_counts[i][0], tokens)
         grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm or math.inf))
-        bad = torch.tensor(float(not (math.isfinite(step_sums[0]) and math.isfinite(grad_norm))), device=acc.device)
-        finite = float(acc.reduce(bad, reduction="sum")) == 0
+        # One all-reduce tells every rank whether the step was finite and feeds the step's per-task
+        # train losses to the balancing strategy (focal's task difficulty).
+        step_total = acc.reduce(step_sums.clone(), reduction="sum")
+        finite = math.isfinite(float(step_total[0])) and math.isfinite(grad_norm)
+        if finite:
+            _, task_ce, task_targets, _ = self.window.split(step_total)
+            self.balancing.observe(task_ce, task_targets)
         self.progress.lr = self.optimizer.param_groups[0]["lr"]
         if finite:
             self.optimizer.step()
@@ -242,8 +249,8 @@ class Trainer:
         }
         if p.skipped_steps:
             record["skipped_steps"] = p.skipped_steps
-        if self.config.task_weights is not None:
-            record["task_weight"] = dict(zip(self.data.tasks, self.task_weights.tolist(), strict=True))
+        if self.balancing.weights is not None:
+            record["task_weight"] = dict(zip(self.data.tasks, self.balancing.weights.tolist(), strict=True))
         self.metrics.write(record)
         window.reset()
         return record
@@ -268,6 +275,19 @@ class Trainer:
             p.stalls += 1
         return config.early_stopping and p.stalls >= config.early_stopping_stall_num
 
+    def _validation_update(self, full: bool) -> None:
+        """Feed a validation-driven strategy (self-paced, CoBa): the whole split before training, then
+        the samples it draws for this step; evaluated together by every rank."""
+        config, p = self.config, self.progress
+        units = None if full else self.balancing.validation_indices(self.data.valid.units)
+        result = evaluate(
+            self.model, self.accelerator, self.data.valid, self.data.tasks, config.per_device_eval_batch_size,
+            self.pad_id, units=units,
+        )
+        if full:
+            self.metrics.write({"step": p.step, "split": "valid", "loss": result.loss, "task_loss": result.task_loss})
+        self.balancing.update(p.step, loss_vector(self.data.tasks, result.task_loss))
+
     # --- saving ----------------------------------------------------------------------------
     def _write_model(self, directory: Path, state: dict) -> None:
         """HF-loadable adapter or model + tokenizer (main process)."""
@@ -282,6 +302,7 @@ class Trainer:
         if self.accelerator.distributed_type not in SHARDED_STATE:
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+        torch.save(self.balancing.state_dict(), directory / "balancing.pt")
         outputs.write_atomic(directory / "config.yaml", dump_config(self.config))
         outputs.write_json(
             directory / ckpt.TRAINER_STATE,
@@ -384,7 +405,7 @@ class Trainer:
         tmp = self.out / "best.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "rank-*.pt", "state", "config.yaml"))
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "balancing.pt", "rank-*.pt", "state", "config.yaml"))
         outputs.publish(tmp, self.out / "best")
         self.accelerator.print(f"best/ = step {best} ({self.config.metric_for_best} {self.progress.best_metric:.4f})")
 
@@ -396,6 +417,7 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+        self.balancing.load_state_dict(torch.load(checkpoint / "balancing.pt", weights_only=False))
         self.progress = Progress(**saved["progress"])
         rank_file = checkpoint / f"rank-{acc.process_index}.pt"
         if saved["world_size"] == acc.num_processes and rank_file.is_file():
@@ -441,16 +463,15 @@ class Trainer:
             outputs.write_json(self.logs / "data_report.json", self.data.report_dict())
             acc.print(report_table(self.data.report))
 
-        weights = config.task_weights or [1.0] * len(self.data.tasks)
-        self.task_weights = torch.tensor(weights, dtype=torch.float32, device=acc.device)
+        self.balancing = build_balancing(config, len(self.data.tasks), acc.device)
         per_epoch = steps_per_epoch(
             self.data.epoch_size, config.per_device_train_batch_size, acc.num_processes, config.gradient_accumulation_steps
         )
         total = config.max_train_steps or per_epoch * config.num_train_epochs
         epochs = math.ceil(total / per_epoch)
         warmup, warning = warmup_steps(config.num_warmup_steps, total)
-        if warning:
-            acc.print(f"warning: {warning}")
+        for message in ([warning] if warning else []) + balancing_warnings(config, total):
+            acc.print(f"warning: {message}")
 
         model = self._build_model(self.tokenizer)
         if resume_from is not None:  # before `prepare`: every rank loads the same files
@@ -470,12 +491,16 @@ class Trainer:
 
         p = self.progress
         start = p.step
-        self.metrics = MetricsLog(self.logs, enabled=self.main, resume=(start, p.logged_lines) if resume_from else None)
+        self.metrics = MetricsLog(self.logs, enabled=self.main, resume=(start, p.logged_lines) if resume_from else None,
+            weight_tag=f"{config.weighted_loss_mode}_weight",
+        )
         if resume_from is not None:
             acc.print(f"resumed from {resume_from} at step {start}")
         if start >= total:
             acc.print(f"the run already reached step {start} of {total}")
         acc.print(f"training {total} steps ({per_epoch} per epoch, {epochs} epochs), warm-up {warmup}")
+        if self.balancing.needs_validation and resume_from is None:
+            self._validation_update(full=True)
         bar = tqdm(total=total, initial=start, disable=not self.main, desc="train", dynamic_ncols=True)
         stop_early = False
         with StopRequest() as stop_request:
@@ -492,6 +517,8 @@ class Trainer:
                     else:
                         self._non_finite(steps[index])
                     bar.update(1)
+                    if self.balancing.validation_due(p.step):
+                        self._validation_update(full=False)
                     if self.window.steps and (p.step % config.log_interval == 0 or p.step == total):
                         record = self._log_train(epoch + (index + 1) / len(steps))
                         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{p.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
