@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, LlamaConfig
+from transformers import LlamaConfig, MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from mftcoder.config import validate_mapping
@@ -50,6 +50,21 @@ def step_objective(balancing, micro_batches, num_tasks=2, grad=False):
 def focal(x, gamma):
     """Lin et al.'s FL at probability exp(-x), written as a function of the mean CE x."""
     return (1 - math.exp(-x)) ** gamma * x
+
+
+# --- static weights ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["case1", "case2", "case3", "case4"])
+def test_static_weights_are_the_case_modes(mode):
+    batch, ce = make_batch(ROWS)
+    counts = batch_counts(batch, 2)
+    static = StaticWeights(mode, [3.0, 1.0], 2)
+    expected = token_coefficients(mode, batch, counts, torch.tensor([3.0, 1.0]))
+    assert torch.equal(static.coefficients(batch, ce, counts), expected)
+    # Reported (logged as task_weight) only where they apply and only when given.
+    assert (static.weights is not None) == (mode in ("case3", "case4"))
+    assert StaticWeights(mode, None, 2).weights is None
 
 
 # --- focal, sample level -----------------------------------------------------------------------
@@ -95,7 +110,7 @@ def test_focal_task_level_weights_case3_by_the_previous_steps_difficulty():
     phi = [(1 - math.exp(-1.0)) ** 2, (1 - math.exp(-2.0)) ** 2]
     assert balancing.factors.tolist() == pytest.approx(phi)
     assert balancing.weights.tolist() == pytest.approx([3 * phi[0], phi[1]])
-    # Σ_k w_k φ_k ℓ_k / Σ_k w_k with the step's task means 3 and 4: not renormalised by φ (focal shrinks easy tasks).
+    # Σ_k w_k φ_k ℓ_k / Σ_k w_k, task means 3 and 4; not renormalised by φ: focal shrinks easy tasks.
     assert step_objective(balancing, [ROWS]) == pytest.approx((3 * phi[0] * 3 + phi[1] * 4) / 4)
 
 
@@ -325,7 +340,6 @@ def config(**overrides):
     ("mode", "kind"), [("case3", StaticWeights), ("focal", FocalBalancing), ("self_paced", SelfPaced), ("coba", CoBa)]
 )
 def test_build_balancing_by_mode(mode, kind, monkeypatch):
-    monkeypatch.setattr("mftcoder.config.checks.NOT_AVAILABLE_YET", {})  # the trainer integration is pending
     built = build_balancing(config(weighted_loss_mode=mode, per_device_eval_batch_size=4, coba_sample_valid_num=3), 1)
     assert isinstance(built, kind)
     if mode == "coba":
@@ -333,7 +347,6 @@ def test_build_balancing_by_mode(mode, kind, monkeypatch):
 
 
 def test_balancing_hyper_parameters_are_validated(monkeypatch):
-    monkeypatch.setattr("mftcoder.config.checks.NOT_AVAILABLE_YET", {})
     with pytest.raises(ConfigError) as caught:
         config(focal_gamma=-1, focal_level="token", coba_history_length=1, coba_tau=0, selfpaced_interval=0)
     fields = {issue.field for issue in caught.value.issues}
@@ -348,7 +361,6 @@ def test_balancing_hyper_parameters_are_validated(monkeypatch):
 
 
 def test_a_history_longer_than_the_run_is_a_warning(monkeypatch):
-    monkeypatch.setattr("mftcoder.config.checks.NOT_AVAILABLE_YET", {})
     [warning] = balancing_warnings(config(weighted_loss_mode="self_paced", selfpaced_history_length=11), 10)
     assert "fills at step 10" in warning
     assert balancing_warnings(config(weighted_loss_mode="self_paced", selfpaced_history_length=10), 10) == []

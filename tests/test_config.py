@@ -135,46 +135,6 @@ def test_validation_needed_without_a_validation_split(config_file):
     assert config.valid_fraction == 0
 
 
-@pytest.mark.parametrize(
-    ("override", "field"),
-    [("weighted_loss_mode=coba", "weighted_loss_mode")],
-)
-def test_features_not_landed_yet_say_so(config_file, override, field):
-    with pytest.raises(ConfigError) as excinfo:
-        load_config(config_file(), [override])
-    assert "not available yet" in problems(excinfo)[field]
-
-
-def test_qlora_and_its_quantization_bits(config_file):
-    assert load_config(config_file(), ["peft_type=qlora"]).quantization_bits is None  # 4 bits
-    assert load_config(config_file(), ["peft_type=qlora", "quantization_bits=8"]).quantization_bits == 8
-    with pytest.raises(ConfigError) as excinfo:
-        load_config(config_file(), ["quantization_bits=8"])  # peft_type: lora
-    assert "qlora only" in problems(excinfo)["quantization_bits"]
-    with pytest.raises(ConfigError) as excinfo:
-        load_config(config_file(), ["peft_type=qlora", "quantization_bits=3"])
-    assert "quantization_bits" in problems(excinfo)
-
-
-def test_bitsandbytes_features_without_bitsandbytes(config_file, monkeypatch):
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
-    with pytest.raises(ConfigError) as excinfo:
-        load_config(config_file(), ["peft_type=qlora", "optimizer=adamw_8bit"])
-    found = problems(excinfo)
-    assert "pip install bitsandbytes" in found["peft_type"] and "pip install bitsandbytes" in found["optimizer"]
-
-
-def test_optimizer_and_torch_compile_keys(config_file):
-    config = load_config(config_file(), ["optimizer=paged_adamw_8bit", "torch_compile=true"])
-    assert config.optimizer == "paged_adamw_8bit" and config.torch_compile is True
-    with pytest.raises(ConfigError) as excinfo:
-        load_config(config_file(), ["optimizer=adam8"])
-    assert "optimizer" in problems(excinfo)
-
-
 def test_warmup_must_be_steps_or_fraction(config_file):
     assert load_config(config_file(), ["num_warmup_steps=0.1"]).num_warmup_steps == 0.1
     assert load_config(config_file(), ["num_warmup_steps=30"]).num_warmup_steps == 30

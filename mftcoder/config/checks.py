@@ -15,23 +15,6 @@ from mftcoder.errors import DataError, Issue
 from mftcoder.models.families import config_issues
 from mftcoder.models.resolve import locate_model
 
-# Values the schema knows (MFTCoder configs use them) whose implementation has not landed yet.
-NOT_AVAILABLE_YET = {
-    ("weighted_loss_mode", "focal"): "focal balancing is not available yet; use case1..case4",
-    ("weighted_loss_mode", "self_paced"): "self-paced balancing is not available yet; use case1..case4",
-    ("weighted_loss_mode", "coba"): "CoBa balancing is not available yet; use case1..case4",
-}
-
-
-def _unavailable(config: TrainConfig) -> list[Issue]:
-    issues = [
-        Issue(field, message)
-        for (field, value), message in NOT_AVAILABLE_YET.items()
-        if getattr(config, field) == value
-    ]
-    return issues
-
-
 def _data_issues(config: TrainConfig) -> list[Issue]:
     issues = []
     for i, entry in enumerate(config.data_paths):
@@ -135,8 +118,7 @@ def _output_issues(config: TrainConfig) -> list[Issue]:
 
 def cross_field_issues(config: TrainConfig) -> list[Issue]:
     return (
-        _unavailable(config)
-        + _data_issues(config)
+        _data_issues(config)
         + _model_issues(config)
         + _schedule_issues(config)
         + _output_issues(config)

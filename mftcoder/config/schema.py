@@ -173,7 +173,7 @@ class TrainConfig(BaseModel):
     focal_gamma: float = Field(2.0, ge=0, description="focal: γ of the factor (1 - p)^γ; 0 gives case3 / case2.")
     selfpaced_interval: int = Field(1, gt=0, description="self_paced: optimizer steps between weight updates.")
     selfpaced_history_length: int = Field(
-        100, ge=2, description="self_paced: validation samples the slopes are fitted on; weights are uniform until full."
+        100, ge=2, description="self_paced: validation samples the slopes are fitted on; uniform weights until full."
     )
     selfpaced_sample_valid_num: int = Field(
         1, gt=0, description="self_paced: validation batches per update, on all processes together."
@@ -181,7 +181,7 @@ class TrainConfig(BaseModel):
     selfpaced_scale_factor: float = Field(50.0, gt=0, description="self_paced: s in w = softmax(s · score).")
     coba_warmup_steps: int = Field(100, ge=0, description="coba: optimizer steps with uniform weights.")
     coba_history_length: int = Field(
-        200, ge=2, description="coba: validation samples the slopes are fitted on, and updates in the ACS and DF windows."
+        200, ge=2, description="coba: validation samples the slopes are fitted on; updates in the ACS and DF windows."
     )
     coba_tau: float = Field(5.0, gt=0, description="coba: temperature τ of the divergence factor.")
     coba_update_interval: int = Field(1, gt=0, description="coba: optimizer steps between weight updates.")

@@ -9,7 +9,8 @@ The trainer drives every `weighted_loss_mode` through one `Balancing` object:
     checkpoints         state_dict() / load_state_dict()
 
 Every input that depends on data is all-reduced before it gets here, so every rank holds the same
-state and the same weights. Weights computed from losses never carry a gradient.
+state and the same weights. Task weights computed from losses never carry a gradient (focal's
+sample-level factor does: it is part of the focal loss itself, see `focal.py`).
 """
 
 from __future__ import annotations
