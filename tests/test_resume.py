@@ -117,13 +117,20 @@ def reference_run(tmp_path: Path, data: list[str], processes: int = 1, preset: s
     return out
 
 
-@pytest.mark.parametrize(
-    ("peft_type", "padding_mode"), [("lora", "padding"), (None, "padding"), ("lora", "pack")], ids=["lora", "full", "pack"]
-)
-def test_sigkill_at_a_random_step_then_resume_is_exact(tmp_path, data, peft_type, padding_mode):
-    reference = reference_run(tmp_path, data, peft_type=peft_type, padding_mode=padding_mode)
+CASES = {
+    "lora": {},
+    "full": {"peft_type": None},
+    "pack": {"padding_mode": "pack"},
+    # CoBa's histories, initial losses and validation draws must resume too; warm-up ends mid-run.
+    "coba": {"weighted_loss_mode": "coba", "coba_warmup_steps": 4, "coba_history_length": 6},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sigkill_at_a_random_step_then_resume_is_exact(tmp_path, data, case):
+    reference = reference_run(tmp_path, data, **CASES[case])
     out = tmp_path / "run"
-    config = write_config(tmp_path / "run.yaml", data, out, peft_type=peft_type, padding_mode=padding_mode)
+    config = write_config(tmp_path / "run.yaml", data, out, **CASES[case])
     kill_at = random.randint(4, TOTAL - 3)
     process = launch(config)
     interrupt_at(process, out, kill_at, signal.SIGKILL)
