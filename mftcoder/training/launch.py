@@ -46,7 +46,9 @@ class Launcher:
     use_cpu: bool = False
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> Launcher:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Launcher:
+        # Looked up at call time: a library may rebind `os.environ` after this module was imported.
+        env = os.environ if env is None else env
         ga = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
         return cls(
             world_size=int(env.get("WORLD_SIZE", "1")),
