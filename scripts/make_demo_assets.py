@@ -26,6 +26,7 @@ import json
 import random
 import shutil
 import statistics
+import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,6 +50,9 @@ BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
 
 TASKS = ("code_completion", "text_to_code", "unit_test_generation")
+# The CoBa demo's harder task (configs/train/demo_coba.yaml), made from text_to_code's requests.
+NOISY_TASK = "noisy_answers"
+NOISY_ANSWER_CHARS = 24
 # Both role vocabularies are valid chat_rounds; one task uses the alternative
 # spelling so that the framework's role normalisation gets exercised.
 TASK_ROLES = {
@@ -599,6 +603,21 @@ def make_task_records(task: str, count: int) -> list[dict]:
     ]
 
 
+def make_noisy_records(records: list[dict]) -> list[dict]:
+    """text_to_code's requests answered by random characters: nothing to learn beyond the character
+    distribution, so the task's loss stops falling early. Made after the tokenizer is trained and left
+    out of its training, so that every other asset stays as it was."""
+    rng = random.Random(f"{SEED}:{NOISY_TASK}")
+    alphabet = string.ascii_lowercase + string.digits + "_"
+
+    def noisy(turn: dict) -> dict:
+        if turn["role"] != TASK_ROLES["text_to_code"][1]:
+            return turn
+        return turn | {"content": "".join(rng.choices(alphabet, k=NOISY_ANSWER_CHARS))}
+
+    return [{"id": r["id"], "chat_rounds": [noisy(turn) for turn in r["chat_rounds"]]} for r in records]
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as f:
@@ -755,6 +774,8 @@ def main() -> None:
         shutil.rmtree(DEMO_DIR / generated, ignore_errors=True)
     for task, records in records_by_task.items():
         write_jsonl(DEMO_DIR / "data" / task / f"{task}.jsonl", records)
+    noisy = make_noisy_records(records_by_task["text_to_code"])
+    write_jsonl(DEMO_DIR / "data" / NOISY_TASK / f"{NOISY_TASK}.jsonl", noisy)
     model_dir = DEMO_DIR / "model"
     tokenizer.save_pretrained(model_dir)
     make_model_config(tokenizer).save_pretrained(model_dir)

@@ -45,7 +45,18 @@ def assert_valid_chat_rounds(record: dict) -> None:
 
 
 def test_tasks_present():
-    assert {p.name for p in (DEMO_DIR / "data").iterdir()} == TASKS
+    assert {p.name for p in (DEMO_DIR / "data").iterdir()} == TASKS | {"noisy_answers"}
+
+
+def test_noisy_task_answers_text_to_code_requests_with_random_characters(records_by_task):
+    noisy = load_records("noisy_answers")
+    assert len(noisy) == len(records_by_task["text_to_code"])
+    for record, source in zip(noisy, records_by_task["text_to_code"], strict=True):
+        assert_valid_chat_rounds(record)
+        assert [t for t in record["chat_rounds"] if t["role"] != "bot"] == [
+            t for t in source["chat_rounds"] if t["role"] != "bot"
+        ]
+        assert all(len(t["content"]) == 24 for t in record["chat_rounds"] if t["role"] == "bot")
 
 
 def test_records_are_valid_chat_rounds(records_by_task):

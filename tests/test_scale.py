@@ -408,7 +408,7 @@ def test_fsdp2_on_gpus(config_file, serial_lora):
 
 # --- the per-model scripts -----------------------------------------------------------------------
 SCRIPTS = sorted(p for p in (REPO / "scripts").glob("*.sh") if p.name != "demo.sh")
-MODEL_CONFIGS = sorted(p for p in (REPO / "configs" / "train").glob("*.yaml") if p.name != "demo.yaml")
+MODEL_CONFIGS = sorted(p for p in (REPO / "configs" / "train").glob("*.yaml") if not p.name.startswith("demo"))
 
 
 def run_script(script: Path, *args: str, env=None) -> subprocess.CompletedProcess:

@@ -12,10 +12,9 @@ the fused gate/up projection gets rank 2r and alpha 2α, i.e. rank r per project
 model (PEFT's own conversion of transformers-4 targets does the same). PEFT cannot apply dropout to a
 parameter target, so these families need `lora_dropout: 0`.
 
-Routers are not adapted (nor Qwen2-MoE's shared-expert gate): the training objective is the token
-cross-entropy alone, without the auxiliary load-balancing loss the routers were pre-trained with, so
-a trainable router could drift towards a few experts unchecked. Frozen, they keep the pre-trained
-expert load; the experts and the attention adapt instead. (PEFT 0.21's `all-linear` would adapt the
+Routers are not adapted (nor Qwen2-MoE's shared-expert gate): the load-balancing loss the trainer
+adds is a weak regulariser next to the task losses, so a trainable router fine-tuned on a few tasks
+could still drift towards a few experts. Frozen, they keep the pre-trained expert load; the experts and the attention adapt instead. (PEFT 0.21's `all-linear` would adapt the
 router of Mixtral, Qwen3-MoE and DeepSeek; the explicit targets here avoid that.)
 
 DeepSeek-V2/V3 dense and shared-expert MLPs. PEFT 0.21.2 rewrites any module target named

@@ -23,15 +23,19 @@ class Evaluation:
     task_loss: dict[str, float]
 
 
-def forward_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token CE of one collated batch (already on the model's device).
+def model_outputs(model, batch: dict[str, torch.Tensor], **options):
+    """The model's output on one collated batch (already on the model's device).
 
     Never with a cache: transformers derives the block-diagonal mask of a packed batch from its
     position ids only when there is neither an attention mask nor a cache, and a model's default
     `use_cache=True` would create one even in training."""
     inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-    logits = model(**inputs, use_cache=False).logits
-    return token_losses(logits, batch["targets"])
+    return model(**inputs, use_cache=False, **options)
+
+
+def forward_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token CE of one collated batch (already on the model's device)."""
+    return token_losses(model_outputs(model, batch).logits, batch["targets"])
 
 
 def to_device(batch: dict[str, torch.Tensor | int], device: torch.device) -> dict[str, torch.Tensor | int]:

@@ -21,7 +21,7 @@ def per_task(tasks: list[str], sums: torch.Tensor, counts: torch.Tensor) -> dict
 class TrainWindow:
     """Sums over the optimizer steps since the last train log line, on this rank.
 
-    Layout of `sums`: [objective, task CE sums (T), task target counts (T), tokens].
+    Layout of `sums`: [objective, task CE sums (T), task target counts (T), tokens, router balance loss].
     """
 
     def __init__(self, num_tasks: int, device: torch.device):
@@ -35,16 +35,19 @@ class TrainWindow:
         self.grad_norms: list[float] = []
 
     def zeros(self) -> torch.Tensor:
-        return torch.zeros(2 + 2 * self.num_tasks, dtype=torch.float64, device=self.device)
+        return torch.zeros(3 + 2 * self.num_tasks, dtype=torch.float64, device=self.device)
 
-    def micro_batch(self, objective: torch.Tensor, task_ce: torch.Tensor, task_tokens: torch.Tensor, tokens: int):
-        """One micro-batch's contribution, in the layout of `sums`."""
+    def micro_batch(
+        self, objective: torch.Tensor, task_ce: torch.Tensor, task_tokens: torch.Tensor, tokens: int, aux=0.0
+    ):
+        """One micro-batch's contribution, in the layout of `sums` (`aux`: its MoE router balance loss)."""
         t = self.num_tasks
         vector = self.zeros()
         vector[0] = objective.detach().double()
         vector[1 : 1 + t] = task_ce.double()
         vector[1 + t : 1 + 2 * t] = task_tokens.double()
-        vector[-1] = tokens
+        vector[-2] = tokens
+        vector[-1] = aux
         return vector
 
     def add_step(self, step_sums: torch.Tensor, grad_norm: float) -> None:
@@ -52,9 +55,9 @@ class TrainWindow:
         self.steps += 1
         self.grad_norms.append(grad_norm)
 
-    def split(self, reduced: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor, int]:
+    def split(self, reduced: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor, int, float]:
         t = self.num_tasks
-        return float(reduced[0]), reduced[1 : 1 + t], reduced[1 + t : 1 + 2 * t], int(reduced[-1])
+        return float(reduced[0]), reduced[1 : 1 + t], reduced[1 + t : 1 + 2 * t], int(reduced[-2]), float(reduced[-1])
 
     def state_dict(self) -> dict:
         return {"sums": self.sums.cpu(), "steps": self.steps, "grad_norms": list(self.grad_norms)}
@@ -99,6 +102,8 @@ class MetricsLog:
             self.tb.add_scalar("LR/train", record["lr"], step)
             self.tb.add_scalar("GradNorm/train", record["grad_norm"], step)
             self.tb.add_scalar("TokensPerSecond/train", record["tokens_per_s"], step)
+            if "aux_loss" in record:
+                self.tb.add_scalar("AuxLoss/train", record["aux_loss"], step)
             for task, value in record.get("task_weight", {}).items():
                 self.tb.add_scalar(f"{task}_{self.weight_tag}/train", value, step)
         self.tb.flush()

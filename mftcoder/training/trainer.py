@@ -32,14 +32,15 @@ from mftcoder.data.batching import rank_micro_batches
 from mftcoder.data.dataset import build_datasets, report_table, steps_per_epoch
 from mftcoder.errors import LaunchError, TrainingError
 from mftcoder.losses.balancing import loss_vector
-from mftcoder.losses.modes import batch_counts, task_sums
+from mftcoder.losses.modes import batch_counts, task_sums, token_losses
+from mftcoder.losses.moe import router_balance, router_balance_loss
 from mftcoder.losses.weighting import balancing_warnings, build_balancing
 from mftcoder.merge import BASE_INFO, base_model_info
 from mftcoder.data.template import chat_format
 from mftcoder.models.loading import load_model, load_tokenizer, wrap_lora
 from mftcoder.training import checkpoint as ckpt
 from mftcoder.training import outputs
-from mftcoder.training.evaluation import Evaluation, evaluate, forward_token_losses, to_device
+from mftcoder.training.evaluation import Evaluation, evaluate, forward_token_losses, model_outputs, to_device
 from mftcoder.training.launch import COMPUTE_DTYPE, build_accelerator, run_info
 from mftcoder.training.metrics import MetricsLog, TrainWindow, per_task
 from mftcoder.training.optim import build_optimizer, build_scheduler, warmup_steps
@@ -94,6 +95,11 @@ def _load_weights(model, directory: Path, peft: bool) -> None:
             raise TrainingError(f"{directory}: the checkpoint lacks weights {untied[:5]}")
     if unexpected:
         raise TrainingError(f"{directory}: the checkpoint holds weights the model does not have: {unexpected[:5]}")
+
+
+def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Where a batch holds tokens rather than padding: its attention mask, or in pack mode `tokens`."""
+    return (batch["attention_mask"] if "attention_mask" in batch else batch["tokens"]).bool()
 
 
 class Trainer:
@@ -194,19 +200,29 @@ class Trainer:
             acc.sync_gradients = last
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
                 batch = to_device(batch, acc.device)
-                ce = forward_token_losses(self.model, batch)
+                if self.moe is None:
+                    ce, aux = forward_token_losses(self.model, batch), None
+                else:
+                    out = model_outputs(self.model, batch, output_router_logits=True)
+                    ce = token_losses(out.logits, batch["targets"])
+                    aux = router_balance_loss(out.router_logits, self.moe, _real_tokens(batch))
                 coef = self.balancing.coefficients(batch, ce, step_counts)
                 objective = (coef * ce).sum()
-                acc.backward(objective * scale)
+                # The router balance loss of each forward, averaged over the step's forwards on all ranks.
+                loss = objective if aux is None else objective + self.moe.coefficient * aux / scale
+                acc.backward(loss * scale)
             tokens = data.train.tokens(indices)
-            step_sums += self.window.micro_batch(objective, task_sums(ce.detach(), batch, num_tasks), local_counts[i][0], tokens)
+            step_sums += self.window.micro_batch(
+                objective, task_sums(ce.detach(), batch, num_tasks), local_counts[i][0], tokens,
+                0.0 if aux is None else aux.detach(),
+            )  # fmt: skip
         grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm or math.inf))
         # One all-reduce tells every rank whether the step was finite and feeds the step's per-task
         # train losses to the balancing strategy (focal's task difficulty).
         step_total = acc.reduce(step_sums.clone(), reduction="sum")
         finite = math.isfinite(float(step_total[0])) and math.isfinite(grad_norm)
         if finite:
-            _, task_ce, task_targets, _ = self.window.split(step_total)
+            _, task_ce, task_targets, _, _ = self.window.split(step_total)
             self.balancing.observe(task_ce, task_targets)
         self.progress.lr = self.optimizer.param_groups[0]["lr"]
         if finite:
@@ -231,7 +247,7 @@ class Trainer:
     def _log_train(self, epoch: float) -> dict:
         window, p = self.window, self.progress
         reduced = self.accelerator.reduce(window.sums.clone(), reduction="sum")
-        objective, task_ce, task_tokens, tokens = window.split(reduced)
+        objective, task_ce, task_tokens, tokens, aux = window.split(reduced)
         p.tokens += tokens
         p.targets += int(task_tokens.sum())
         record = {
@@ -249,8 +265,15 @@ class Trainer:
         }
         if p.skipped_steps:
             record["skipped_steps"] = p.skipped_steps
-        if self.balancing.weights is not None:
-            record["task_weight"] = dict(zip(self.data.tasks, self.balancing.weights.tolist(), strict=True))
+        if self.moe is not None:
+            forwards = window.steps * self.config.gradient_accumulation_steps * self.accelerator.num_processes
+            record["aux_loss"] = aux / forwards  # the router balance loss per forward, before its coefficient
+        weights = self.balancing.weights
+        if weights is not None:
+            # Every rank computes the weights from the same all-reduced inputs: checked, not assumed.
+            if not bool((self.accelerator.gather(weights[None]) == weights).all()):
+                raise TrainingError(f"step {p.step}: the processes disagree on the task weights")
+            record["task_weight"] = dict(zip(self.data.tasks, weights.tolist(), strict=True))
         self.metrics.write(record)
         window.reset()
         return record
@@ -474,6 +497,7 @@ class Trainer:
             acc.print(f"warning: {message}")
 
         model = self._build_model(self.tokenizer)
+        self.moe = router_balance(model.config)  # None for a dense model
         if resume_from is not None:  # before `prepare`: every rank loads the same files
             _load_weights(model, resume_from, bool(self.config.peft_type))
         optimizer = build_optimizer(model, config)
