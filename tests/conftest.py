@@ -96,16 +96,20 @@ def tiny_config(small_data, tmp_path):
     return make
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
+def reset_accelerate() -> None:
     """accelerate keeps process-global state that a second in-process run would inherit; tests that
     train several times in one process reset it (a fixture may touch library internals, the product
     never does)."""
-    yield
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    reset_accelerate()
 
 
 def launch_env() -> dict[str, str]:

@@ -14,14 +14,7 @@ from mftcoder.training import checkpoint as ckpt
 from mftcoder.training import outputs
 from mftcoder.training.trainer import train
 
-from conftest import read_metrics
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+from conftest import read_metrics, reset_accelerate
 
 
 def make_checkpoint(directory: Path, complete: bool = True) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, PartialState
+from accelerate.state import PartialState
 from safetensors.torch import load_file
 
 from conftest import DEMO_MODEL, DEMO_TASKS, launch_env
@@ -30,15 +30,6 @@ LAUNCH_TIMEOUT = 300
 DDP_OVERRIDES = ["per_device_train_batch_size=1", "gradient_accumulation_steps=2"]
 SERIAL_OVERRIDES = ["per_device_train_batch_size=4", "gradient_accumulation_steps=1"]
 STEPS = 3
-
-
-@pytest.fixture(autouse=True)
-def reset_accelerate_state():
-    yield
-    # Accelerate keeps process-global state (AcceleratorState/PartialState singletons); in-process
-    # runs in one pytest process must not inherit each other's. Tests may touch library internals;
-    # the product never does (one run per process).
-    AcceleratorState._reset_state(True)
 
 
 @pytest.fixture(scope="module")

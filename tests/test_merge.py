@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import (
@@ -29,25 +28,12 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from conftest import DEMO_MODEL
+from conftest import DEMO_MODEL, reset_accelerate
 from mftcoder.cli import main
 from mftcoder.errors import MergeError
 from mftcoder.merge import merge_adapter
 
 pytestmark = pytest.mark.e2e
-
-
-def _reset_accelerate() -> None:
-    # Accelerate keeps process-global state (AcceleratorState/PartialState singletons): a second
-    # in-process run in the same pytest process would otherwise inherit the first one's. Tests may
-    # touch library internals; the product never does (one run per process).
-    AcceleratorState._reset_state(True)
-
-
-@pytest.fixture(autouse=True)
-def reset_accelerate_state():
-    yield
-    _reset_accelerate()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +68,7 @@ def trained(small_data, tmp_path_factory):
     try:
         result = train(config)
     finally:
-        _reset_accelerate()
+        reset_accelerate()
     return result.output_dir
 
 

@@ -15,7 +15,7 @@ from mftcoder.errors import ConfigError
 from mftcoder.data.template import chat_format
 from mftcoder.training.trainer import train
 
-from conftest import read_metrics
+from conftest import read_metrics, reset_accelerate
 
 pytestmark = pytest.mark.e2e
 
@@ -117,10 +117,7 @@ def test_accumulation_equals_a_larger_batch(tiny_config, tmp_path, mode):
         lora_modules_to_save=["lm_head"],
     )
     accumulated = train(tiny_config(per_device_train_batch_size=1, gradient_accumulation_steps=4, output_dir=str(tmp_path / "ga"), **common))
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     batched = train(tiny_config(per_device_train_batch_size=4, gradient_accumulation_steps=1, output_dir=str(tmp_path / "bs"), **common))
     a, b = final_weights(accumulated.final_dir), final_weights(batched.final_dir)
     assert a.keys() == b.keys()
@@ -134,10 +131,7 @@ def test_accumulation_equals_a_larger_batch(tiny_config, tmp_path, mode):
 def test_used_output_dir_is_refused_and_left_untouched(tiny_config):
     config = tiny_config(max_train_steps=1)
     train(config)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     out = config.output_dir
     before = {p: p.stat().st_mtime_ns for p in sorted(__import__("pathlib").Path(out).rglob("*"))}
     with pytest.raises(ConfigError, match="overwrite_output_dir=true"):
@@ -145,8 +139,7 @@ def test_used_output_dir_is_refused_and_left_untouched(tiny_config):
     after = {p: p.stat().st_mtime_ns for p in sorted(__import__("pathlib").Path(out).rglob("*"))}
     assert before == after
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     (config_out := __import__("pathlib").Path(out))
     (config_out / "my_notes.txt").write_text("keep me")
     result = train(config.model_copy(update={"overwrite_output_dir": True, "max_train_steps": 2}))
