@@ -33,9 +33,9 @@ def mean_weights_after_warmup(output_dir: Path) -> dict[str, float]:
 def assert_the_hard_task_loses_weight(output_dir: Path) -> None:
     weights = mean_weights_after_warmup(output_dir)
     assert weights[HARD] < 1 / 3 and weights[HARD] == min(weights.values()), weights
-    # Uniform during the warm-up (a line logged at step s shows the weights for step s + 1).
-    early = [r["task_weight"] for r in read_metrics(output_dir) if r["split"] == "train" and r["step"] < WARMUP]
-    assert len(early) == WARMUP - 1 and all(w == pytest.approx({t: 1 / 3 for t in w}) for w in early)
+    # Uniform during the warm-up: the first update, after step WARMUP, sets the weights of the next step.
+    early = [r["task_weight"] for r in read_metrics(output_dir) if r["split"] == "train" and r["step"] <= WARMUP]
+    assert len(early) == WARMUP and all(w == pytest.approx({t: 1 / 3 for t in w}) for w in early)
 
 
 @pytest.fixture(scope="module")

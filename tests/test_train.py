@@ -104,17 +104,26 @@ def final_weights(final_dir):
     return load_file(final_dir / name)
 
 
-@pytest.mark.parametrize("mode", ["case1", "case2", "case3", "case4"])
+# The loss-driven modes with settings that change their weights within a 2-step run.
+ADAPTIVE = {
+    "focal_task": dict(weighted_loss_mode="focal", focal_level="task"),
+    "focal_sample": dict(weighted_loss_mode="focal", focal_level="sample"),
+    "self_paced": dict(weighted_loss_mode="self_paced", selfpaced_history_length=2),
+    "coba": dict(weighted_loss_mode="coba", coba_warmup_steps=0, coba_history_length=3),
+}
+
+
+@pytest.mark.parametrize("mode", ["case1", "case2", "case3", "case4", *ADAPTIVE])
 def test_accumulation_equals_a_larger_batch(tiny_config, tmp_path, mode):
-    """GA=4 x bs=1 and GA=1 x bs=4 make the same optimizer steps.
+    """GA=4 x bs=1 and GA=1 x bs=4 make the same optimizer steps, in every loss mode.
 
     A large adam_epsilon keeps Adam's update proportional to the gradient: with the default, a
     gradient of ~1e-9 (a rare token's head row) turns float noise of the batch shape into an update
     of ~lr * sign(g), which would hide what this test checks.
     """
     common = dict(
-        max_train_steps=2, weighted_loss_mode=mode, learning_rate=1e-2, adam_epsilon=1e-3,
-        lora_modules_to_save=["lm_head"],
+        max_train_steps=2, learning_rate=1e-2, adam_epsilon=1e-3, lora_modules_to_save=["lm_head"],
+        **ADAPTIVE.get(mode, {"weighted_loss_mode": mode}),
     )
     accumulated = train(tiny_config(per_device_train_batch_size=1, gradient_accumulation_steps=4, output_dir=str(tmp_path / "ga"), **common))
     reset_accelerate()
@@ -123,9 +132,39 @@ def test_accumulation_equals_a_larger_batch(tiny_config, tmp_path, mode):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
-    la = [m["loss"] for m in read_metrics(accumulated.output_dir) if m["split"] == "train"]
-    lb = [m["loss"] for m in read_metrics(batched.output_dir) if m["split"] == "train"]
-    assert la == pytest.approx(lb, rel=1e-5)
+    la = [m for m in read_metrics(accumulated.output_dir) if m["split"] == "train"]
+    lb = [m for m in read_metrics(batched.output_dir) if m["split"] == "train"]
+    assert [m["loss"] for m in la] == pytest.approx([m["loss"] for m in lb], rel=1e-5)
+    for ma, mb in zip(la, lb, strict=True):
+        assert ma.keys() == mb.keys()
+        if "task_weight" in ma:
+            assert ma["task_weight"] == pytest.approx(mb["task_weight"], rel=1e-5)
+
+
+def weighted_mean(values: dict[str, float], weights: dict[str, float], norm: dict[str, float]) -> float:
+    return sum(weights[t] * v for t, v in values.items()) / sum(norm[t] for t in values)
+
+
+@pytest.mark.parametrize("mode", ["focal_task", "self_paced", "coba"])
+def test_logged_task_weights_are_those_the_step_applied(tiny_config, mode):
+    """With log_interval 1 each train line is one step, and its `loss` is the objective made of its
+    `task_loss` with the weights of that very step: case3 with ω, `Σ ω_k ℓ_k / Σ ω_k` over the tasks
+    present (focal: `Σ w_k φ_k ℓ_k / Σ w_k` with the logged `w_k φ_k` and static w = 1). The
+    weights change every step here, so the weights of a neighbouring step (what a line showed
+    when it was written after the next step's validation update) do not fit."""
+    result = train(tiny_config(max_train_steps=6, learning_rate=2e-2, **ADAPTIVE[mode]))
+    lines = [m for m in read_metrics(result.output_dir) if m["split"] == "train"]
+    assert [m["step"] for m in lines] == list(range(1, 7))
+    weights = [m["task_weight"] for m in lines]
+    for line, w in zip(lines, weights):
+        norm = {t: 1.0 for t in w} if mode == "focal_task" else w
+        assert line["loss"] == pytest.approx(weighted_mean(line["task_loss"], w, norm), rel=1e-5), line["step"]
+    # Discriminating: the next step's weights give another objective at most steps.
+    misfits = 0
+    for line, w in zip(lines, weights[1:]):
+        norm = {t: 1.0 for t in w} if mode == "focal_task" else w
+        misfits += line["loss"] != pytest.approx(weighted_mean(line["task_loss"], w, norm), rel=1e-5)
+    assert misfits >= 3, weights
 
 
 def test_used_output_dir_is_refused_and_left_untouched(tiny_config):

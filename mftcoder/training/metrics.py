@@ -22,6 +22,7 @@ class TrainWindow:
     """Sums over the optimizer steps since the last train log line, on this rank.
 
     Layout of `sums`: [objective, task CE sums (T), task target counts (T), tokens, router balance loss].
+    `weights` are the task weights the window's latest step applied (None: the mode has none to show).
     """
 
     def __init__(self, num_tasks: int, device: torch.device):
@@ -33,6 +34,7 @@ class TrainWindow:
         self.sums = self.zeros()
         self.steps = 0
         self.grad_norms: list[float] = []
+        self.weights: torch.Tensor | None = None
 
     def zeros(self) -> torch.Tensor:
         return torch.zeros(3 + 2 * self.num_tasks, dtype=torch.float64, device=self.device)
@@ -50,22 +52,25 @@ class TrainWindow:
         vector[-1] = aux
         return vector
 
-    def add_step(self, step_sums: torch.Tensor, grad_norm: float) -> None:
+    def add_step(self, step_sums: torch.Tensor, grad_norm: float, weights: torch.Tensor | None) -> None:
         self.sums += step_sums
         self.steps += 1
         self.grad_norms.append(grad_norm)
+        self.weights = weights
 
     def split(self, reduced: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor, int, float]:
         t = self.num_tasks
         return float(reduced[0]), reduced[1 : 1 + t], reduced[1 + t : 1 + 2 * t], int(reduced[-2]), float(reduced[-1])
 
     def state_dict(self) -> dict:
-        return {"sums": self.sums.cpu(), "steps": self.steps, "grad_norms": list(self.grad_norms)}
+        weights = None if self.weights is None else self.weights.cpu()
+        return {"sums": self.sums.cpu(), "steps": self.steps, "grad_norms": list(self.grad_norms), "weights": weights}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = state["sums"].to(self.device)
         self.steps = state["steps"]
         self.grad_norms = list(state["grad_norms"])
+        self.weights = None if state["weights"] is None else state["weights"].to(self.device)
 
 
 class MetricsLog:

@@ -268,7 +268,7 @@ class Trainer:
         if self.moe is not None:
             forwards = window.steps * self.config.gradient_accumulation_steps * self.accelerator.num_processes
             record["aux_loss"] = aux / forwards  # the router balance loss per forward, before its coefficient
-        weights = self.balancing.weights
+        weights = window.weights
         if weights is not None:
             # Every rank computes the weights from the same all-reduced inputs: checked, not assumed.
             if not bool((self.accelerator.gather(weights[None]) == weights).all()):
@@ -531,13 +531,15 @@ class Trainer:
             for epoch in range(start // per_epoch, epochs if start < total else 0):
                 steps = self._epoch_steps(epoch)
                 for index in range(p.step - epoch * per_epoch, len(steps)):
+                    # Logged with the step: the validation update after it sets the next step's weights.
+                    weights = None if self.balancing.weights is None else self.balancing.weights.clone()
                     started = time.perf_counter()
                     step_sums, grad_norm, finite = self._step(steps[index])
                     p.train_seconds += time.perf_counter() - started
                     p.step += 1
                     if finite:
                         p.consecutive_nan = 0
-                        self.window.add_step(step_sums, grad_norm)
+                        self.window.add_step(step_sums, grad_norm, weights)
                     else:
                         self._non_finite(steps[index])
                     bar.update(1)
