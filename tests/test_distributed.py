@@ -29,7 +29,24 @@ LAUNCH_TIMEOUT = 300
 # samples in the reference run. The 2-process run goes through DDP's no_sync path as well.
 DDP_OVERRIDES = ["per_device_train_batch_size=1", "gradient_accumulation_steps=2"]
 SERIAL_OVERRIDES = ["per_device_train_batch_size=4", "gradient_accumulation_steps=1"]
-STEPS = 3
+STEPS = 4
+# Validation samples one per batch: the same shapes in both layouts, no padding noise in the
+# validation losses, whose slopes the validation-driven modes turn into weights (they amplify it:
+# with 8-sample batches split 4 + 4 the weights differed by up to 9e-5 relative).
+EVAL_ONE_BY_ONE = ["per_device_eval_batch_size=1"]
+# Every loss mode, the loss-driven ones with settings that move their weights from the first steps.
+MODES = {
+    "case3": [],
+    "case4": ["weighted_loss_mode=case4"],
+    "focal_task": ["weighted_loss_mode=focal", "focal_level=task"],
+    "focal_sample": ["weighted_loss_mode=focal", "focal_level=sample"],
+    "self_paced": [
+        "weighted_loss_mode=self_paced", "selfpaced_history_length=2", *EVAL_ONE_BY_ONE, "selfpaced_sample_valid_num=8",
+    ],
+    "coba": [
+        "weighted_loss_mode=coba", "coba_warmup_steps=1", "coba_history_length=3", *EVAL_ONE_BY_ONE, "coba_sample_valid_num=8",
+    ],
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +66,11 @@ def config_file(small_data, tmp_path_factory) -> Path:
             "lora_dropout": 0.0,  # dropout masks would differ between the two layouts
             "per_device_eval_batch_size": 8,
             "learning_rate": 2e-2,
+            # Adam's update is ~lr * sign(g) for any |g| >> eps, so float noise in a near-zero gradient
+            # (padding shapes and reduction order differ) would move a weight by ~lr; with eps above
+            # the gradients' size the update stays proportional to the gradient, and the final
+            # weights compare the gradients of every step.
+            "adam_epsilon": 1e-3,
             "num_warmup_steps": 0,
             "max_train_steps": STEPS,
             "log_interval": 1,
@@ -63,21 +85,27 @@ def config_file(small_data, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def ddp_run(config_file) -> tuple[Path, str]:
-    """One 2-process launch, shared by the tests below: (OUTPUT_DIR, console output)."""
-    out = config_file.parent / "ddp"
+def launch_two(config_file: Path, out: Path, *overrides: str) -> str:
+    """A 2-process training launch; returns its console output."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
-        "-m", "mftcoder", "train", str(config_file), f"output_dir={out}", *DDP_OVERRIDES,
+        "-m", "mftcoder", "train", str(config_file), f"output_dir={out}", *DDP_OVERRIDES, *overrides,
     ]  # fmt: skip
     proc = subprocess.run(
         command, env=launch_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=config_file.parent
     )
     console = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{console[-6000:]}"
-    return out, console
+    assert "mftcoder: world_size=2 distributed=MULTI_CPU" in console, console[-3000:]
+    return console
+
+
+@pytest.fixture(scope="module")
+def ddp_run(config_file) -> tuple[Path, str]:
+    """One 2-process launch in the default mode, shared by the tests below: (OUTPUT_DIR, console output)."""
+    out = config_file.parent / "ddp"
+    return out, launch_two(config_file, out)
 
 
 def _train_records(out: Path) -> list[dict]:
@@ -86,8 +114,7 @@ def _train_records(out: Path) -> list[dict]:
 
 
 def test_two_cpu_processes_train_as_one_ddp_run(ddp_run):
-    out, console = ddp_run
-    assert "mftcoder: world_size=2 distributed=MULTI_CPU" in console, console[-3000:]
+    out, _ = ddp_run
     info = json.loads((out / "run.json").read_text())
     assert info["world_size"] == 2
     assert info["distributed_type"] == "MULTI_CPU"
@@ -116,21 +143,24 @@ def test_two_cpu_processes_train_as_one_ddp_run(ddp_run):
     assert max(t.abs().max().item() for k, t in adapter.items() if "lora_B" in k) > 1e-3
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(ddp_run, config_file):
-    """Rank 0's final adapter equals a 1-process run's: the loss is normalised over the global step
-    and the sampler deals each sample to exactly one rank. Since DDP averages rank 1's gradients
-    into every update, a rank 1 that drifted (other weights, other or duplicated samples) would
-    show up in rank 0's weights too.
+@pytest.mark.parametrize("mode", MODES)
+def test_two_processes_equal_one_process_with_the_same_global_batch(ddp_run, config_file, mode):
+    """In every loss mode, 2 ranks make the updates 1 rank makes with the same global batch: the
+    objective is normalised over the global step, the sampler deals each sample to exactly one rank,
+    the loss-driven weights come from all-reduced train losses (focal) or from validation draws
+    evaluated by all ranks together (self_paced, coba). Since DDP averages rank 1's gradients into
+    every update, a rank 1 that drifted (other weights, other or duplicated samples) would show up
+    in rank 0's weights too.
 
-    Not bit-exact: padding shapes and reduction order differ (float noise), and Adam's
-    g / (sqrt(v) + eps) amplifies it for the odd weight whose gradient is ~0. Measured: max 8.5e-6
-    (3 of 32768 weights above 1e-6, median 2e-9), the same as between two 1-process runs that differ
-    only in micro-batching (bs 4 vs bs 2 x accumulation 2: 4.3e-6). A real bug, e.g. a global
-    batch of 2 instead of 4, moves weights by ~8e-2.
+    Compared: the final adapter (every step's gradients, through Adam with a large eps), and per
+    step the objective, the gradient norm, the per-task losses and the task weights. Not bit-exact:
+    padding shapes and reduction order differ (float noise, measured: at most 3.5e-7 on the adapter).
     """
-    ddp_out, _ = ddp_run
-    serial_out = config_file.parent / "serial"
-    assert main(["train", str(config_file), f"output_dir={serial_out}", *SERIAL_OVERRIDES]) == 0
+    ddp_out = ddp_run[0] if mode == "case3" else config_file.parent / f"ddp_{mode}"
+    if mode != "case3":
+        launch_two(config_file, ddp_out, *MODES[mode])
+    serial_out = config_file.parent / f"serial_{mode}"
+    assert main(["train", str(config_file), f"output_dir={serial_out}", *SERIAL_OVERRIDES, *MODES[mode]]) == 0
     serial_info = json.loads((serial_out / "run.json").read_text())
     assert serial_info["world_size"] == 1 and serial_info["global_batch_size"] == 4
 
@@ -142,16 +172,26 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(ddp_run, con
     ddp = load_file(ddp_out / "final" / "adapter_model.safetensors")
     serial = load_file(serial_out / "final" / "adapter_model.safetensors")
     assert ddp.keys() == serial.keys()
-    diffs = torch.cat([(ddp[k] - serial[k]).abs().flatten() for k in serial])
-    assert diffs.max().item() < 1e-4, f"max |diff| {diffs.max().item():.3e}"
-    assert diffs.quantile(0.999).item() < 1e-6, f"99.9th percentile |diff| {diffs.quantile(0.999).item():.3e}"
+    for key in serial:
+        torch.testing.assert_close(ddp[key], serial[key], atol=1e-6, rtol=1e-5)
 
-    # The logged train losses are global too, and so are the gradients: the same per step. (Adam
-    # hides a constant gradient scale, e.g. DDP's averaging over ranks not undone; grad_norm does not.)
+    # (Adam hides a constant gradient scale, e.g. DDP's averaging over ranks not undone; grad_norm does not.)
     ddp_records, serial_records = _train_records(ddp_out), _train_records(serial_out)
-    for key in ("loss", "grad_norm"):
-        ddp_values, serial_values = [r[key] for r in ddp_records], [r[key] for r in serial_records]
-        assert ddp_values == pytest.approx(serial_values, rel=1e-5, abs=1e-6), key
+    assert [r["step"] for r in ddp_records] == [r["step"] for r in serial_records] == list(range(1, STEPS + 1))
+    for ddp_record, serial_record in zip(ddp_records, serial_records, strict=True):
+        step = serial_record["step"]
+        for key in ("loss", "grad_norm"):
+            assert ddp_record[key] == pytest.approx(serial_record[key], rel=1e-5, abs=1e-6), (step, key)
+        assert ddp_record["task_loss"] == pytest.approx(serial_record["task_loss"], rel=1e-5), step
+        assert ("task_weight" in ddp_record) == ("task_weight" in serial_record), step
+        if "task_weight" in serial_record:
+            # Weights from validation slopes amplify float noise (measured up to 6.5e-6 relative);
+            # self_paced drives some to ~1e-10, compared in absolute terms.
+            assert ddp_record["task_weight"] == pytest.approx(serial_record["task_weight"], rel=1e-4, abs=1e-7), step
+    if mode not in ("case3", "case4", "focal_sample"):
+        # The weights did move, or the comparison above would prove nothing about them.
+        first, last = serial_records[0]["task_weight"], serial_records[-1]["task_weight"]
+        assert last != pytest.approx(first, rel=1e-3), (first, last)
 
 
 def test_unconnected_processes_are_refused(config_file, tmp_path, monkeypatch, capsys):
