@@ -69,6 +69,19 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """The run's length in optimizer steps; every epoch has `per_epoch` steps."""
+
+    total: int
+    per_epoch: int
+    warmup: int
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total / self.per_epoch)
+
+
+@dataclass(frozen=True)
 class TrainResult:
     output_dir: Path
     final_dir: Path | None  # None when stopped by a signal (a checkpoint was saved instead)
@@ -452,25 +465,46 @@ class Trainer:
 
     # --- the run ---------------------------------------------------------------------------
     def train(self) -> TrainResult:
-        acc, config = self.accelerator, self.config
-        info = run_info(acc, config)
-        resume_from = ckpt.resolve_resume(config)
-        saved = json.loads((resume_from / ckpt.TRAINER_STATE).read_text()) if resume_from else None
-        if resume_from is not None:
-            if acc.distributed_type in SHARDED_STATE and not (resume_from / "state").is_dir():
-                raise LaunchError(f"{resume_from} was written without DeepSpeed/FSDP state; resume it with the launcher that wrote it")
-            for change in ckpt.check_compatible(resume_from, config, saved["world_size"], acc.num_processes):
-                acc.print(f"resume: accepted change {change}")
-            info["resumed_from"] = str(resume_from)
+        info = run_info(self.accelerator, self.config)
+        resume_from, saved = self._resume_point(info)
         # Refuse a used output directory before anything is written; write nothing until the data
         # has loaded, so that a bad record leaves no half-started run behind.
         stale = self._output_dir_plan(resume_from)
-        acc.print(
+        self.accelerator.print(
             f"mftcoder: world_size={info['world_size']} distributed={info['distributed_type']} "
-            f"mixed_precision={info['mixed_precision']} gradient_accumulation={config.gradient_accumulation_steps} "
+            f"mixed_precision={info['mixed_precision']} gradient_accumulation={self.config.gradient_accumulation_steps} "
             f"global_batch={info['global_batch_size']} device={info['device']}"
         )
+        self._load_data(resume_from, saved)
+        self.accelerator.wait_for_everyone()  # every rank has checked the output directory before it changes
+        self._prepare_output_dir(info, stale)
+        if self.main:
+            outputs.write_json(self.logs / "data_report.json", self.data.report_dict())
+            self.accelerator.print(report_table(self.data.report))
+        schedule = self._schedule()
+        self._build_training(schedule, resume_from, saved)
+        start = self.progress.step
+        stop_early, stopped_by = self._run(schedule)
+        if stopped_by:
+            return TrainResult(self.out, None, self.progress.step, self.progress.step - start, self.progress, stopped_by)
+        return self._finish(schedule, start, stop_early)
 
+    def _resume_point(self, info: dict) -> tuple[Path | None, dict | None]:
+        """The checkpoint to resume from and its trainer state, checked against this launch."""
+        acc = self.accelerator
+        resume_from = ckpt.resolve_resume(self.config)
+        if resume_from is None:
+            return None, None
+        saved = json.loads((resume_from / ckpt.TRAINER_STATE).read_text())
+        if acc.distributed_type in SHARDED_STATE and not (resume_from / "state").is_dir():
+            raise LaunchError(f"{resume_from} was written without DeepSpeed/FSDP state; resume it with the launcher that wrote it")
+        for change in ckpt.check_compatible(resume_from, self.config, saved["world_size"], acc.num_processes):
+            acc.print(f"resume: accepted change {change}")
+        info["resumed_from"] = str(resume_from)
+        return resume_from, saved
+
+    def _load_data(self, resume_from: Path | None, saved: dict | None) -> None:
+        config = self.config
         self.tokenizer = load_tokenizer(config)
         self.pad_id = self.tokenizer.pad_token_id
         self.data = build_datasets(config, self.tokenizer, chat_format(config, self.tokenizer))
@@ -480,28 +514,28 @@ class Trainer:
                 f"the training data changed since {resume_from} (its tokenized samples differ): an exact resume "
                 "is impossible; restore the data or start a new run"
             )
-        acc.wait_for_everyone()  # every rank has checked the output directory before it changes
-        self._prepare_output_dir(info, stale)
-        if self.main:
-            outputs.write_json(self.logs / "data_report.json", self.data.report_dict())
-            acc.print(report_table(self.data.report))
 
-        self.balancing = build_balancing(config, len(self.data.tasks), acc.device)
+    def _schedule(self) -> Schedule:
+        config, acc = self.config, self.accelerator
         per_epoch = steps_per_epoch(
             self.data.epoch_size, config.per_device_train_batch_size, acc.num_processes, config.gradient_accumulation_steps
         )
         total = config.max_train_steps or per_epoch * config.num_train_epochs
-        epochs = math.ceil(total / per_epoch)
         warmup, warning = warmup_steps(config.num_warmup_steps, total)
         for message in ([warning] if warning else []) + balancing_warnings(config, total):
             acc.print(f"warning: {message}")
+        return Schedule(total, per_epoch, warmup)
 
+    def _build_training(self, schedule: Schedule, resume_from: Path | None, saved: dict | None) -> None:
+        """Model, optimizer, scheduler, balancing, log window and metrics, at the step resumed from."""
+        acc, config = self.accelerator, self.config
+        self.balancing = build_balancing(config, len(self.data.tasks), acc.device)
         model = self._build_model(self.tokenizer)
         self.moe = router_balance(model.config)  # None for a dense model
         if resume_from is not None:  # before `prepare`: every rank loads the same files
-            _load_weights(model, resume_from, bool(self.config.peft_type))
+            _load_weights(model, resume_from, bool(config.peft_type))
         optimizer = build_optimizer(model, config)
-        self.scheduler = build_scheduler(optimizer, config, total, warmup)
+        self.scheduler = build_scheduler(optimizer, config, schedule.total, schedule.warmup)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         if acc.distributed_type in SHARDED_STATE:
             acc.register_for_checkpointing(self.scheduler)
@@ -512,69 +546,100 @@ class Trainer:
             self._restore_training_state(resume_from, saved)
         if self.main and config.peft_type:
             acc.unwrap_model(self.model).print_trainable_parameters()
-
         p = self.progress
-        start = p.step
-        self.metrics = MetricsLog(self.logs, enabled=self.main, resume=(start, p.logged_lines) if resume_from else None,
+        self.metrics = MetricsLog(
+            self.logs,
+            enabled=self.main,
+            resume=(p.step, p.logged_lines) if resume_from else None,
             weight_tag=f"{config.weighted_loss_mode}_weight",
         )
         if resume_from is not None:
-            acc.print(f"resumed from {resume_from} at step {start}")
-        if start >= total:
-            acc.print(f"the run already reached step {start} of {total}")
-        acc.print(f"training {total} steps ({per_epoch} per epoch, {epochs} epochs), warm-up {warmup}")
+            acc.print(f"resumed from {resume_from} at step {p.step}")
+        if p.step >= schedule.total:
+            acc.print(f"the run already reached step {p.step} of {schedule.total}")
+        acc.print(
+            f"training {schedule.total} steps ({schedule.per_epoch} per epoch, {schedule.epochs} epochs), "
+            f"warm-up {schedule.warmup}"
+        )
         if self.balancing.needs_validation and resume_from is None:
             self._validation_update(full=True)
-        bar = tqdm(total=total, initial=start, disable=not self.main, desc="train", dynamic_ncols=True)
+
+    def _positions(self, schedule: Schedule):
+        """(epoch, index in the epoch, the epoch's steps) of every step from the current one on."""
+        start = self.progress.step
+        if start >= schedule.total:
+            return
+        for epoch in range(start // schedule.per_epoch, schedule.epochs):
+            steps = self._epoch_steps(epoch)
+            for index in range(max(0, start - epoch * schedule.per_epoch), len(steps)):
+                yield epoch, index, steps
+
+    def _run(self, schedule: Schedule) -> tuple[bool, str]:
+        """Train until the last step, early stopping or a signal; returns (stopped early, the signal's
+        name or "" when not stopped by one). A signal leaves a checkpoint to resume from."""
+        acc, p = self.accelerator, self.progress
+        bar = tqdm(total=schedule.total, initial=p.step, disable=not self.main, desc="train", dynamic_ncols=True)
         stop_early = False
         with StopRequest() as stop_request:
-            for epoch in range(start // per_epoch, epochs if start < total else 0):
-                steps = self._epoch_steps(epoch)
-                for index in range(p.step - epoch * per_epoch, len(steps)):
-                    # Logged with the step: the validation update after it sets the next step's weights.
-                    weights = None if self.balancing.weights is None else self.balancing.weights.clone()
-                    started = time.perf_counter()
-                    step_sums, grad_norm, finite = self._step(steps[index])
-                    p.train_seconds += time.perf_counter() - started
-                    p.step += 1
-                    if finite:
-                        p.consecutive_nan = 0
-                        self.window.add_step(step_sums, grad_norm, weights)
-                    else:
-                        self._non_finite(steps[index])
-                    bar.update(1)
-                    if self.balancing.validation_due(p.step):
-                        self._validation_update(full=False)
-                    if self.window.steps and (p.step % config.log_interval == 0 or p.step == total):
-                        record = self._log_train(epoch + (index + 1) / len(steps))
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{p.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    if self.data.valid and config.evaluation_steps and p.step % config.evaluation_steps == 0:
-                        stop_early = self._evaluate()
-                    if (config.checkpointing_steps and p.step % config.checkpointing_steps == 0) or (
-                        config.epoch_checkpointing and index == len(steps) - 1
-                    ):
-                        self._checkpoint()
-                    # Every rank stops at the same step: the signal may have reached only some of them.
-                    signalled = torch.tensor(float(stop_request.received is not None), device=acc.device)
-                    if stop_early or p.step >= total or float(acc.reduce(signalled, reduction="sum")):
-                        break
-                else:
-                    continue
-                break
+            for epoch, index, steps in self._positions(schedule):
+                self._train_step(steps[index])
+                bar.update(1)
+                stop_early = self._after_step(epoch + (index + 1) / len(steps), index == len(steps) - 1, schedule, bar)
+                # Every rank stops at the same step: the signal may have reached only some of them.
+                signalled = torch.tensor(float(stop_request.received is not None), device=acc.device)
+                if stop_early or p.step >= schedule.total or float(acc.reduce(signalled, reduction="sum")):
+                    break
             bar.close()
-            if stop_request.received is not None or (p.step < total and not stop_early):
-                self._checkpoint()
-                name = stop_request.name or "a signal on another process"
-                acc.print(
-                    f"stopped by {name} at step {p.step}; checkpoint {self.checkpoints}/step-{p.step}. "
-                    "Resume with resume_from_checkpoint=auto"
-                )
-                self.metrics.close()
-                return TrainResult(self.out, None, p.step, p.step - start, p, stop_request.name or "signal")
+            if stop_request.received is None and (p.step >= schedule.total or stop_early):
+                return stop_early, ""
+            self._checkpoint()
+            name = stop_request.name or "a signal on another process"
+            acc.print(
+                f"stopped by {name} at step {p.step}; checkpoint {self.checkpoints}/step-{p.step}. "
+                "Resume with resume_from_checkpoint=auto"
+            )
+            self.metrics.close()
+            return stop_early, stop_request.name or "signal"
+
+    def _train_step(self, micro_batches: list[list[int]]) -> None:
+        """One optimizer step and its counters; a non-finite one is counted (or stops the run)."""
+        p = self.progress
+        # Logged with the step: the validation update after it sets the next step's weights.
+        weights = None if self.balancing.weights is None else self.balancing.weights.clone()
+        started = time.perf_counter()
+        step_sums, grad_norm, finite = self._step(micro_batches)
+        p.train_seconds += time.perf_counter() - started
+        p.step += 1
+        if finite:
+            p.consecutive_nan = 0
+            self.window.add_step(step_sums, grad_norm, weights)
+        else:
+            self._non_finite(micro_batches)
+
+    def _after_step(self, epoch: float, epoch_end: bool, schedule: Schedule, bar) -> bool:
+        """What is due after a step: weight update, log line, evaluation, checkpoint; True to stop early."""
+        config, p = self.config, self.progress
+        if self.balancing.validation_due(p.step):
+            self._validation_update(full=False)
+        if self.window.steps and (p.step % config.log_interval == 0 or p.step == schedule.total):
+            record = self._log_train(epoch)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{p.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        stop_early = False
+        if self.data.valid and config.evaluation_steps and p.step % config.evaluation_steps == 0:
+            stop_early = self._evaluate()
+        if (config.checkpointing_steps and p.step % config.checkpointing_steps == 0) or (
+            config.epoch_checkpointing and epoch_end
+        ):
+            self._checkpoint()
+        return stop_early
+
+    def _finish(self, schedule: Schedule, start: int, stop_early: bool) -> TrainResult:
+        """The last log line and evaluation, final/ and best/."""
+        acc, p = self.accelerator, self.progress
         if stop_early:
             acc.print(f"early stopping at step {p.step}: no improvement in {p.stalls} evaluations")
         if self.window.steps:
-            self._log_train(p.step / per_epoch)
+            self._log_train(p.step / schedule.per_epoch)
         if self.data.valid and p.last_eval_step != p.step:
             self._evaluate()
         final = self._save_final()
