@@ -100,6 +100,7 @@ def test_packed_rows_restart_positions_and_mask_boundaries():
     assert batch["loss_mask"].tolist() == [[True, True, False, True, False], [True, True, True, False, False]]
     assert batch["task_ids"].tolist()[0][:4] == [0, 0, 0, 1]
     assert batch["sample_ids"].tolist() == [[0, 0, -1, 1, -1], [2, 2, 2, -1, -1]]  # unique in the micro-batch
+    assert batch["tokens"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]  # the row's padding is not a token
 
 
 def test_flat_layout_carries_the_sequence_lengths():

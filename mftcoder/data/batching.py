@@ -104,8 +104,9 @@ def collate(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def collate_packed(rows: Sequence[Sequence[Sample]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pack mode: each row a bin of whole samples; position ids and no attention mask."""
-    return _tensors(_rows(rows, pad_id), (*_LOSS_KEYS, "position_ids"))
+    """Pack mode: each row a bin of whole samples; position ids and no attention mask (`tokens`
+    marks the real tokens for what must leave the row's padding out, never for the model)."""
+    return _tensors(_rows(rows, pad_id), (*_LOSS_KEYS, "position_ids", "tokens"))
 
 
 def collate_flat(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor | int]:
