@@ -70,21 +70,26 @@ def test_static_weights_are_the_case_modes(mode):
 # --- focal, sample level -----------------------------------------------------------------------
 
 
-def test_focal_sample_level_is_the_mean_focal_loss_of_the_samples():
+def test_focal_sample_level_is_the_token_focal_loss_averaged_per_sample():
+    """(1/S) Σ_s mean over the sample's targets of FL: samples [1, 2], [3, 4, 5], [6]."""
     value = step_objective(FocalBalancing("sample", 2.0, UNIFORM), [ROWS])
-    assert value == pytest.approx(sum(focal(x, 2.0) for x in SAMPLE_MEANS) / 3)
+    per_sample = [(focal(1, 2.0) + focal(2, 2.0)) / 2, (focal(3, 2.0) + focal(4, 2.0) + focal(5, 2.0)) / 3, focal(6, 2.0)]
+    assert value == pytest.approx(sum(per_sample) / 3)
+    # Easy tokens lose weight: below case2 (the mean of the sample means), each token's factor < 1.
+    assert value < sum(SAMPLE_MEANS) / 3
 
 
 def test_focal_sample_level_gradient_includes_the_factor():
-    """Not detached: d/dCE_t = (1/S)(1/n_s) FL'(ℓ_s), FL'(x) = γ(1-e^-x)^(γ-1) e^-x x + (1-e^-x)^γ."""
+    """Not detached: d/dCE_t = (1/S)(1/n_s) FL'(CE_t), FL'(x) = γ(1-e^-x)^(γ-1) e^-x x + (1-e^-x)^γ."""
     gamma = 2.0
     _, [grad] = step_objective(FocalBalancing("sample", gamma, UNIFORM), [ROWS], grad=True)
 
     def derivative(x):
         return gamma * (1 - math.exp(-x)) ** (gamma - 1) * math.exp(-x) * x + (1 - math.exp(-x)) ** gamma
 
-    assert grad[0, 0].item() == pytest.approx(derivative(1.5) / 3 / 2)  # sample 0 has 2 targets
-    assert grad[1, 2].item() == pytest.approx(derivative(4.0) / 3 / 3)
+    assert grad[0, 0].item() == pytest.approx(derivative(1.0) / 3 / 2)  # sample 0 has 2 targets
+    assert grad[0, 1].item() == pytest.approx(derivative(2.0) / 3 / 2)
+    assert grad[1, 2].item() == pytest.approx(derivative(5.0) / 3 / 3)
     assert grad[2, 0].item() == pytest.approx(derivative(6.0) / 3 / 1)
     assert grad[0, 2].item() == 0.0 and grad[2, 1].item() == 0.0  # not targets
 
@@ -251,25 +256,44 @@ def test_coba_on_a_hand_made_history():
     """Losses [2, 4] at step 0 are the initial ones; task 1 is missing from the sample of step 1."""
     coba = make_coba()
     assert coba.update(0, torch.tensor([2.0, 4.0])).tolist() == [0.5, 0.5]
-    assert coba.update(1, torch.tensor([1.8, math.nan])).tolist() == [0.5, 0.5]  # warm-up: uniform
+    assert coba.slope_history.shape == (2, 0)  # one sample: no slope yet
+    # Step 1, warm-up: uniform, but the slopes are recorded. Task 1 has one value: slope 0, and it is
+    # no candidate for α_max (a 0 there would hide that task 0 falls).
+    assert coba.update(1, torch.tensor([1.8, math.nan])).tolist() == [0.5, 0.5]
+    assert coba.slope_history.flatten().tolist() == pytest.approx([-0.1, 0.0])
+    assert coba.max_slopes.tolist() == pytest.approx([-0.1])
 
     # Step 2, ratios so far: task 0 [1, 0.9, 0.8], task 1 [1, -, 0.75] on steps 0..2.
     weights = coba.update(2, torch.tensor([1.6, 3.0]))
-    # α = [-0.1, -0.125] (task 1 on steps 0 and 2; a shifted axis would give -0.25); one slope so far:
-    # ACS = softmax([1, 1]), DF = 1, so ω = RCS.
-    expected = softmax([2 * -0.1 / 0.225, 2 * -0.125 / 0.225])
-    assert weights.tolist() == pytest.approx(expected, rel=1e-6)
-    assert float(coba.scores["df"]) == 1.0
+    # α = [-0.1, -0.125] (task 1 on steps 0 and 2; a shifted axis would give -0.25).
+    # DF = 2 · softmax over two equal α_max [-0.1, -0.1] = 1, so ω = RCS.
+    rcs = softmax([2 * -0.1 / 0.225, 2 * -0.125 / 0.225])
+    assert coba.scores["acs"].tolist() == pytest.approx(softmax([-2 * -0.1 / 0.2, -2 * -0.125 / 0.125]))
+    assert float(coba.scores["df"]) == pytest.approx(1.0)
+    assert weights.tolist() == pytest.approx(rcs, rel=1e-6)
     assert weights[0] > weights[1]  # task 0 converges slower: RCS gives it more
 
-    # Step 3: the window is steps 1..3; α = [-0.075, -0.25]; slope history [[-0.1, -0.075], [-0.125, -0.25]].
+    # Step 3: the window is steps 1..3; α = [-0.075, -0.25]; slope history [[-0.1, -0.1, -0.075],
+    # [0, -0.125, -0.25]], α_max history [-0.1, -0.1, -0.075].
     weights = coba.update(3, torch.tensor([1.5, 2.0]))
     rcs = softmax([2 * -0.075 / 0.325, 2 * -0.25 / 0.325])
-    acs = softmax([-2 * -0.075 / 0.175, -2 * -0.25 / 0.375])
-    df = 2 * softmax([-5 * 2 * -0.1 / 0.175, -5 * 2 * -0.075 / 0.175])[-1]
+    acs = softmax([-3 * -0.075 / 0.275, -3 * -0.25 / 0.375])
+    df = 3 * softmax([-5 * 3 * -0.1 / 0.275, -5 * 3 * -0.1 / 0.275, -5 * 3 * -0.075 / 0.275])[-1]
+    assert df == pytest.approx(0.3402, abs=1e-4)  # the worst slope rose: DF leaves RCS for ACS
     assert float(coba.scores["df"]) == pytest.approx(df)
     assert weights.tolist() == pytest.approx([df * r + (1 - df) * a for r, a in zip(rcs, acs)], rel=1e-6)
     assert float(coba.exact_weights.sum()) == pytest.approx(1.0)
+
+
+def test_coba_slopes_of_the_warmup_enter_the_first_weights():
+    """The paper's DF and ACS look back over the slopes before warm-up ended: a task whose loss
+    turned upward during warm-up is not boosted at the first update (RCS alone would boost it)."""
+    coba = make_coba(warmup_steps=4, history_length=4)
+    ratios = [[1.0, 1.0], [0.8, 0.9], [0.6, 0.85], [0.45, 0.9], [0.35, 1.0]]  # task 1 turns up at step 3
+    for step, r in enumerate(ratios):
+        weights = coba.update(step, torch.tensor(r))
+    assert float(coba.scores["df"]) < 0.5
+    assert weights[1] < weights[0], weights
 
 
 def same_state(a, b):
@@ -354,6 +378,17 @@ def test_balancing_hyper_parameters_are_validated(monkeypatch):
     with pytest.raises(ConfigError) as caught:
         config(weighted_loss_mode="coba", task_weights=[2.0])
     assert "learns the task weights" in caught.value.issues[0].message
+
+
+@pytest.mark.parametrize("mode", [{"weighted_loss_mode": "case1"}, {"weighted_loss_mode": "case2"},
+                                  {"weighted_loss_mode": "focal", "focal_level": "sample"}])  # fmt: skip
+def test_task_weights_a_mode_would_ignore_are_refused(mode, monkeypatch):
+    with pytest.raises(ConfigError) as caught:
+        config(task_weights=[2.0], **mode)
+    [issue] = caught.value.issues
+    assert issue.field == "task_weights" and "would ignore them" in issue.message
+    for applies in ("case3", "case4", "focal"):  # focal at its default task level
+        assert config(weighted_loss_mode=applies, task_weights=[2.0]).task_weights == [2.0]
     with pytest.raises(ConfigError) as caught:
         config(weighted_loss_mode="selfpaced", data_split=[1.0, 0.0], early_stopping=False, evaluation_steps=None)
     [issue] = caught.value.issues

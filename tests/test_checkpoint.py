@@ -63,6 +63,16 @@ def test_compatibility_accepts_schedule_keys_and_refuses_the_rest(tiny_config):
     assert ckpt.compatibility(saved, config, 1, 1) == ([], [])
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("mode", ["case3", "focal", "self_paced", "coba"])
+def test_eval_batch_size_may_change_unless_validation_draws_set_the_weights(tiny_config, mode):
+    config = tiny_config(weighted_loss_mode=mode)
+    saved = config.model_dump(mode="json")
+    accepted, refused = ckpt.compatibility(saved, config.model_copy(update={"per_device_eval_batch_size": 2}), 1, 1)
+    changed = ["per_device_eval_batch_size: 8 -> 2"]
+    assert (accepted, refused) == (([], changed) if mode in ("self_paced", "coba") else (changed, []))
+
+
 @pytest.mark.e2e
 def test_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tiny_config, monkeypatch, capsys):
     real = outputs.save_pretrained

@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mftcoder.config import load_config
@@ -165,6 +166,13 @@ def test_logged_task_weights_are_those_the_step_applied(tiny_config, mode):
         norm = {t: 1.0 for t in w} if mode == "focal_task" else w
         misfits += line["loss"] != pytest.approx(weighted_mean(line["task_loss"], w, norm), rel=1e-5)
     assert misfits >= 3, weights
+    # TensorBoard shows the same weights under MFTCoder's tags.
+    tags = EventAccumulator(str(result.output_dir / "logs")).Reload()
+    name = {"focal_task": "focal", "self_paced": "selfpaced", "coba": "coba"}[mode]
+    for task in TASKS:
+        events = tags.Scalars(f"{task}_{name}_weight/train")
+        assert [e.step for e in events] == list(range(1, 7))
+        assert [e.value for e in events] == pytest.approx([w[task] for w in weights], rel=1e-6)
 
 
 def test_used_output_dir_is_refused_and_left_untouched(tiny_config):

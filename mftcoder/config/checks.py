@@ -15,6 +15,17 @@ from mftcoder.errors import DataError, Issue
 from mftcoder.models.families import config_issues
 from mftcoder.models.resolve import locate_model
 
+def _why_task_weights_are_unused(config: TrainConfig) -> str:
+    """Why the loss mode would ignore static task weights ("" when it applies them)."""
+    mode = config.weighted_loss_mode
+    if mode in ("self_paced", "coba"):
+        return f"weighted_loss_mode {mode} learns the task weights from validation losses"
+    if mode in ("case1", "case2") or (mode == "focal" and config.focal_level == "sample"):
+        name = "focal with focal_level: sample" if mode == "focal" else mode
+        return f"weighted_loss_mode {name} balances tokens or samples, not tasks, and would ignore them"
+    return ""
+
+
 def _data_issues(config: TrainConfig) -> list[Issue]:
     issues = []
     for i, entry in enumerate(config.data_paths):
@@ -39,12 +50,11 @@ def _data_issues(config: TrainConfig) -> list[Issue]:
                 "apply to template: mftcoder; with template: tokenizer the tokenizer's chat template sets the layout",
             )
         )
-    if config.task_weights is not None and config.weighted_loss_mode in ("self_paced", "coba"):
+    if config.task_weights is not None and (unused := _why_task_weights_are_unused(config)):
         issues.append(
             Issue(
                 "task_weights",
-                f"weighted_loss_mode {config.weighted_loss_mode} learns the task weights from validation losses; "
-                "remove task_weights, or use case3, case4 or focal for static weights",
+                f"{unused}; remove task_weights, or use case3, case4 or focal (focal_level: task) for static task weights",
             )
         )
     if config.task_weights is not None and len(config.task_weights) != len(config.data_paths):

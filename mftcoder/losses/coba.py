@@ -14,7 +14,10 @@ and the ratio joins a history of the last N = `coba_history_length` samples. Fro
     ω_k       = DF · RCS_k + (1 - DF) · ACS_k
 
 where the sums over s run over the slopes of the last n (ACS) and m (DF) updates, at most N, and
-τ = `coba_tau`. Before warm-up ends the weights are uniform. The objective is case3 with ω.
+τ = `coba_tau`. Slopes are recorded from the second validation sample on, warm-up included (the
+paper's DF sums from the first slope, not from the end of warm-up), but before warm-up ends the
+weights are uniform. A task with fewer than two values in the window has slope 0 and is left out
+of α_max. The objective is case3 with ω.
 
 RCS favours tasks whose loss falls slower than the others'; ACS favours tasks still falling
 relative to their own recent slopes and starves those that turned upward; DF moves from RCS to
@@ -23,7 +26,8 @@ ACS when the worst task's slope rises against its history.
 Against MFTCoder's implementation (spec §4.3): DF is clipped to 1; α_max is the largest per-task
 slope (not the slope of the per-step maximum ratio); ω is used as the paper defines it (no extra
 softmax, no minimum-weight floor); slopes use the steps as their time axis, with gaps where a task
-was missing from a sample; the ACS and DF windows are the last N updates; the state starts at any
+was missing from a sample; the ACS and DF windows are the last N updates whether or not warm-up
+had ended (MFTCoder starts them when it ends, so its first weights are RCS alone); the state starts at any
 step (no crash when resuming or when the warm-up is not a multiple of the interval) and is
 checkpointed. One deliberate departure from the paper: DF's history is the last N updates rather
 than every update since the start, so that memory stays bounded by N.
@@ -84,14 +88,18 @@ class CoBa(ValidationBalancing):
         usable = ~torch.isnan(losses) & (losses > 0)
         self.initial = torch.where(torch.isnan(self.initial) & usable, losses, self.initial)
         self.history.append(step, torch.where(usable, losses / self.initial, math.nan))
-        if step >= self.warmup_steps:
-            self._reweight()
-
-    def _reweight(self) -> None:
-        slopes = self.history.slopes()
+        trended = self.history.trended()
+        if not trended.any():
+            return  # no task has a slope yet: nothing enters the slope histories
+        slopes = self.history.slopes()  # 0 for a task without a trend: neutral in RCS and ACS
         length = self.history.length
         self.slope_history = push(self.slope_history, slopes, length)
-        self.max_slopes = push(self.max_slopes, slopes.max(), length)
+        # α_max over the tasks with a trend: a task seen once is no evidence of the worst slope.
+        self.max_slopes = push(self.max_slopes, slopes[trended].max(), length)
+        if step >= self.warmup_steps:
+            self._reweight(slopes)
+
+    def _reweight(self, slopes: torch.Tensor) -> None:
         rcs = relative_convergence(slopes)
         acs = absolute_convergence(slopes, self.slope_history)
         df = divergence_factor(self.max_slopes, self.tau)

@@ -4,21 +4,23 @@ The MFTCoder paper (arXiv 2311.02303, §3.5) balances task difficulty with focal
 sample level (its Eq. 2) and at task level (its Eq. 3); MFTCoder never released them. The stored
 copies of the paper we could search show its abstract but not those equations, so, as issue 4
 prescribes, both are built from focal loss (Lin et al. 2017), FL(p) = -(1 - p)^γ log p, applied to
-the probability of a sample or of a task, taken as the geometric mean of its target tokens'
-probabilities p_t = exp(-CE_t):
+each target token and to each task:
 
-    focal_level: sample    L = (1/S) Σ_s (1 - P_s)^γ ℓ_s                      P_s = exp(-ℓ_s)
-    focal_level: task      L = Σ_k w_k (1 - P̂_k)^γ ℓ_k / Σ_{j: N_j > 0} w_j    P̂_k = exp(-ℓ̂_k)
+    focal_level: sample    L = (1/S) Σ_s (1/n_s) Σ_{t in s} (1 - p_t)^γ CE_t         p_t = exp(-CE_t)
+    focal_level: task      L = Σ_k w_k (1 - P̂_k)^γ ℓ_k / Σ_{j: N_j > 0} w_j          P̂_k = exp(-ℓ̂_k)
 
-ℓ_s is the mean target CE of sample s, ℓ_k that of task k over the whole step (all micro-batches,
-all ranks), S the samples with targets in the step, w the static `task_weights` (focal's α). The
-geometric mean makes -log P the mean token CE, so at γ = 0 the sample level is case2 and the task
-level case3, exactly (the arithmetic mean of token probabilities would not give that).
+S is the number of samples with targets in the step (all micro-batches, all ranks), n_s the targets
+of sample s, ℓ_k the mean target CE of task k over the step, w the static `task_weights` (focal's
+α). The sample level is Lin et al.'s loss on every token, averaged per sample and then over samples
+(case2's balance); the task level is Lin et al.'s loss on the task's probability, taken as the
+geometric mean of its target tokens' probabilities, exp(-ℓ): the difficulty is then a function of
+the very loss the task contributes, whatever its sample lengths. With γ = 0 every factor is 1, so
+the sample level is case2 and the task level case3, exactly.
 
-Where the weights come from:
-- sample level: P_s is computed in the same pass from the sample's own tokens, which all sit in one
-  micro-batch, and is not detached: the objective is the focal loss itself and its gradient
-  includes the modulating factor's, as in Lin et al.;
+Where the factors come from:
+- sample level: p_t is the token's own probability, in the same pass, and is not detached: the
+  objective is the focal loss itself and its gradient includes the modulating factor's, as in
+  Lin et al.;
 - task level: ℓ_k of the current step is known only after every micro-batch's backward, so the
   factor uses ℓ̂_k, the task's mean train CE in the most recent step that had targets of the task
   (all-reduced over ranks, fed by the trainer through `observe`), and is detached: it weights the
@@ -32,27 +34,22 @@ import math
 import torch
 
 from mftcoder.losses.balancing import Balancing
-from mftcoder.losses.modes import _sample_token_counts, token_coefficients
+from mftcoder.losses.modes import token_coefficients
 
 LEVELS = ("task", "sample")
 
 
-def modulation(mean_ce: torch.Tensor, gamma: float) -> torch.Tensor:
-    """(1 - exp(-ℓ))^γ; 1 - exp(-ℓ) is floored at 1e-12 so that the factor's gradient stays finite at ℓ = 0."""
-    return (-torch.expm1(-mean_ce)).clamp(min=1e-12).pow(gamma)
+def modulation(ce: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(1 - exp(-CE))^γ; 1 - exp(-CE) is floored at 1e-12 so that the factor's gradient stays finite at CE = 0."""
+    return (-torch.expm1(-ce)).clamp(min=1e-12).pow(gamma)
 
 
 def sample_focal_coefficients(
     batch: dict[str, torch.Tensor], ce: torch.Tensor, step_counts: torch.Tensor, gamma: float
 ) -> torch.Tensor:
-    """c_t = (1 - P_s)^γ / (S n_s): case2 times the focal factor of the token's sample (carries a gradient)."""
-    mask = batch["loss_mask"]
-    sample_ids = batch["sample_ids"]
-    per_sample, _ = _sample_token_counts(batch)
-    sums = torch.zeros_like(per_sample).index_add(0, sample_ids[mask], ce[mask].float())
-    factor = modulation(sums / per_sample.clamp(min=1), gamma)
+    """c_t = (1 - p_t)^γ / (S n_s): case2 times each token's focal factor (carries a gradient)."""
     case2 = token_coefficients("case2", batch, step_counts, task_weights=torch.ones(1))  # case2 ignores task weights
-    return case2 * factor[sample_ids.clamp(min=0)]
+    return case2 * modulation(ce.float(), gamma)
 
 
 def task_focal_coefficients(

@@ -75,6 +75,10 @@ class LossHistory:
     def slopes(self) -> torch.Tensor:
         return slopes(self.steps, self.values)
 
+    def trended(self) -> torch.Tensor:
+        """[T] bool: the tasks with at least two values in the window, whose slope is a measured trend."""
+        return (~torch.isnan(self.values)).sum(-1) >= 2
+
     def state_dict(self) -> dict:
         return {"steps": self.steps.clone(), "values": self.values.clone()}
 

@@ -13,7 +13,10 @@ and uniform weights before that or when every slope is 0. The objective is case3
 weights come from sampled validation losses, all-reduced over ranks, and carry no gradient.
 
 Unlike MFTCoder, a task absent from a sample is a gap in its history (not a 0 averaged in, nor a
-value divided by the world size regardless of the ranks that saw it).
+value divided by the world size regardless of the ranks that saw it), and the weights start when
+the history holds H real samples — the evaluation before step 0 and the updates after steps
+u, 2u, ..., that is after step (H - 1)·u — where MFTCoder starts at step H whatever the interval
+u, fitting slopes to a history still padded with zeros.
 """
 
 from __future__ import annotations

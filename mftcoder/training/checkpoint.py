@@ -57,6 +57,9 @@ SAFE_TO_CHANGE = frozenset(
         "num_proc",
     }
 )
+# Safe keys that decide what is trained in some loss modes: the validation draws of self_paced and
+# coba are batches of `per_device_eval_batch_size`, and their losses set the task weights.
+TRAINED_IN_MODES = {"per_device_eval_batch_size": ("self_paced", "coba")}
 
 
 def is_complete(directory: Path) -> bool:
@@ -103,7 +106,8 @@ def compatibility(saved: dict, current: TrainConfig, saved_world: int, world: in
         if saved.get(key) == now.get(key):
             continue
         change = f"{key}: {saved.get(key)!r} -> {now.get(key)!r}"
-        (accepted if key in SAFE_TO_CHANGE else refused).append(change)
+        safe = key in SAFE_TO_CHANGE and current.weighted_loss_mode not in TRAINED_IN_MODES.get(key, ())
+        (accepted if safe else refused).append(change)
     if saved_world != world:
         change = f"world size: {saved_world} -> {world}"
         (accepted if current.allow_inexact_resume else refused).append(change)

@@ -551,7 +551,8 @@ class Trainer:
             self.logs,
             enabled=self.main,
             resume=(p.step, p.logged_lines) if resume_from else None,
-            weight_tag=f"{config.weighted_loss_mode}_weight",
+            # MFTCoder's tags: {task}_coba_weight/train, {task}_selfpaced_weight/train.
+            weight_tag=f"{config.weighted_loss_mode.replace('_', '')}_weight",
         )
         if resume_from is not None:
             acc.print(f"resumed from {resume_from} at step {p.step}")
