@@ -15,6 +15,7 @@ from mftcoder.errors import DataError, Issue
 from mftcoder.models.families import config_issues
 from mftcoder.models.resolve import locate_model
 
+
 def _why_task_weights_are_unused(config: TrainConfig) -> str:
     """Why the loss mode would ignore static task weights ("" when it applies them)."""
     mode = config.weighted_loss_mode
