@@ -19,6 +19,12 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+# For tests that compare two runs which should make the same updates (other micro-batching, other
+# world size): Adam's update is ~lr * sign(g) for any |g| >> eps, so float noise in a near-zero
+# gradient (other padding shapes, other reduction order) would move a weight by ~lr; with eps
+# above the gradients' size the update stays proportional to the gradient, and the final weights
+# compare the gradients of every step.
+EQUIVALENCE_ADAM_EPSILON = 1e-3
 DEMO = REPO / "assets" / "demo"
 DEMO_MODEL = DEMO / "model"
 DEMO_TASKS = ("code_completion", "text_to_code", "unit_test_generation")

@@ -18,7 +18,7 @@ import torch
 from accelerate.state import PartialState
 from safetensors.torch import load_file
 
-from conftest import DEMO_MODEL, DEMO_TASKS, launch_env
+from conftest import DEMO_MODEL, DEMO_TASKS, EQUIVALENCE_ADAM_EPSILON, launch_env
 from mftcoder.cli import main
 from mftcoder.config import dump_config, validate_mapping
 
@@ -66,11 +66,7 @@ def config_file(small_data, tmp_path_factory) -> Path:
             "lora_dropout": 0.0,  # dropout masks would differ between the two layouts
             "per_device_eval_batch_size": 8,
             "learning_rate": 2e-2,
-            # Adam's update is ~lr * sign(g) for any |g| >> eps, so float noise in a near-zero gradient
-            # (padding shapes and reduction order differ) would move a weight by ~lr; with eps above
-            # the gradients' size the update stays proportional to the gradient, and the final
-            # weights compare the gradients of every step.
-            "adam_epsilon": 1e-3,
+            "adam_epsilon": EQUIVALENCE_ADAM_EPSILON,
             "num_warmup_steps": 0,
             "max_train_steps": STEPS,
             "log_interval": 1,

@@ -38,7 +38,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import DEMO_MODEL, REPO, launch_env
+from conftest import DEMO_MODEL, EQUIVALENCE_ADAM_EPSILON, REPO, launch_env
 from mftcoder.cli import main
 from mftcoder.config import dump_config, validate_mapping
 
@@ -84,6 +84,7 @@ def config_file(root, small_data, tiny_base) -> Path:
             "lora_dropout": 0.0,  # dropout masks would differ between the layouts
             "per_device_eval_batch_size": 8,
             "learning_rate": 2e-2,
+            "adam_epsilon": EQUIVALENCE_ADAM_EPSILON,
             "num_warmup_steps": 0,
             "max_train_steps": STEPS,
             "log_interval": 1,
@@ -243,6 +244,25 @@ def test_zero3_lora_trains_as_one_run_and_its_16bit_save_reloads(config_file, se
     # The adapter gathered from the shards loads onto the base and equals the 1-process adapter in use.
     sharded, one = reload_adapter(tiny_base, out / "final"), reload_adapter(tiny_base, serial_lora / "final")
     assert (logits(sharded) - logits(one)).abs().max().item() < 1e-3
+
+
+@pytest.mark.dist
+def test_zero3_coba_evaluates_uneven_validation_draws_and_trains_as_one_run(config_file):
+    """CoBa's draws of 3 validation samples, one per batch, over 2 ranks: one rank has a batch more,
+    and under ZeRO-3 every forward gathers the parameters from all ranks, so a rank that skipped a
+    forward would leave the other waiting (the launch would hit its timeout). The run makes the
+    updates and the weights of one process."""
+    coba = [
+        "weighted_loss_mode=coba", "coba_warmup_steps=1", "coba_history_length=3",
+        "coba_sample_valid_num=3", "per_device_eval_batch_size=1",
+    ]  # fmt: skip
+    out, info, console = launch(config_file, "deepspeed_zero3.yaml", "zero3-coba", *coba)
+    assert_world(info, console, "DEEPSPEED")
+    reference = serial(config_file, "serial-coba", *coba)
+    assert_same_run(out, reference, "adapter_model.safetensors")
+    weights, expected = ([r["task_weight"] for r in train_records(run)] for run in (out, reference))
+    assert all(w == pytest.approx(e, rel=1e-4) for w, e in zip(weights, expected, strict=True)), (weights, expected)
+    assert weights[-1] != pytest.approx(weights[0], rel=1e-3)  # CoBa did move them
 
 
 @pytest.mark.dist

@@ -16,7 +16,7 @@ from mftcoder.errors import ConfigError
 from mftcoder.data.template import chat_format
 from mftcoder.training.trainer import train
 
-from conftest import read_metrics, reset_accelerate
+from conftest import EQUIVALENCE_ADAM_EPSILON, read_metrics, reset_accelerate
 
 pytestmark = pytest.mark.e2e
 
@@ -116,14 +116,10 @@ ADAPTIVE = {
 
 @pytest.mark.parametrize("mode", ["case1", "case2", "case3", "case4", *ADAPTIVE])
 def test_accumulation_equals_a_larger_batch(tiny_config, tmp_path, mode):
-    """GA=4 x bs=1 and GA=1 x bs=4 make the same optimizer steps, in every loss mode.
-
-    A large adam_epsilon keeps Adam's update proportional to the gradient: with the default, a
-    gradient of ~1e-9 (a rare token's head row) turns float noise of the batch shape into an update
-    of ~lr * sign(g), which would hide what this test checks.
-    """
+    """GA=4 x bs=1 and GA=1 x bs=4 make the same optimizer steps, in every loss mode (a large Adam
+    eps: a rare token's head row has a gradient of ~1e-9, see EQUIVALENCE_ADAM_EPSILON)."""
     common = dict(
-        max_train_steps=2, learning_rate=1e-2, adam_epsilon=1e-3, lora_modules_to_save=["lm_head"],
+        max_train_steps=2, learning_rate=1e-2, adam_epsilon=EQUIVALENCE_ADAM_EPSILON, lora_modules_to_save=["lm_head"],
         **ADAPTIVE.get(mode, {"weighted_loss_mode": mode}),
     )
     accumulated = train(tiny_config(per_device_train_batch_size=1, gradient_accumulation_steps=4, output_dir=str(tmp_path / "ga"), **common))
