@@ -99,3 +99,20 @@ def test_logged_aux_loss_in_pack_mode_excludes_the_row_padding(tiny_config, tmp_
         )
     expected = load_balancing_loss_func(tuple(layer[real] for layer in out.router_logits), 4, 2)
     assert_closer_to(logged, float(expected), than=float(load_balancing_loss_func(out.router_logits, 4, 2)))
+
+
+def test_an_empty_micro_batch_adds_no_router_loss(tiny_config, tmp_path):
+    """With 2+ ranks, a rank whose share of a step ran out gets a dummy micro-batch; in pack mode it
+    has no real token, where the balance formula is 0/0: the step must stay finite (a NaN would
+    make the trainer skip it, or stop with on_nan: stop)."""
+    model = tiny_mixtral(tmp_path / "model", 0.5)
+    config = tiny_config(
+        pretrained_model_path=str(model), max_train_steps=1, padding_mode="pack", lora_dropout=0.0,
+        per_device_train_batch_size=1, gradient_accumulation_steps=2,
+    )  # fmt: skip
+    trainer = Trainer(config)
+    trainer.train()
+    step_sums, _, finite = trainer._optimizer_step([[1], []])
+    assert finite
+    aux = trainer.window.split(step_sums)[-1]
+    assert math.isfinite(aux) and aux > 0  # micro-batch [1]'s loss, plus 0 for the dummy

@@ -49,7 +49,10 @@ def balancing_warnings(config: TrainConfig, total_steps: int) -> list[str]:
     warnings = []
     mode = config.weighted_loss_mode
     if mode == "coba":
-        first = -(-config.coba_warmup_steps // config.coba_update_interval) * config.coba_update_interval
+        # The first update at or after the warm-up, and not before the first draw: step 0's full
+        # evaluation alone gives no slope.
+        interval = config.coba_update_interval
+        first = max(-(-config.coba_warmup_steps // interval) * interval, interval)
         if first >= total_steps:
             warnings.append(
                 f"coba_warmup_steps {config.coba_warmup_steps}: the first CoBa update comes at step {first}, "

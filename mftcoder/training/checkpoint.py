@@ -20,6 +20,7 @@ import random
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ SAFE_TO_CHANGE = frozenset(
 )
 # Safe keys that decide what is trained in some loss modes: the validation draws of self_paced and
 # coba are batches of `per_device_eval_batch_size`, and their losses set the task weights.
-TRAINED_IN_MODES = {"per_device_eval_batch_size": ("self_paced", "coba")}
+TRAINED_IN_MODES = MappingProxyType({"per_device_eval_batch_size": ("self_paced", "coba")})
 
 
 def is_complete(directory: Path) -> bool:

@@ -70,7 +70,8 @@ class TrainWindow:
         self.sums = state["sums"].to(self.device)
         self.steps = state["steps"]
         self.grad_norms = list(state["grad_norms"])
-        self.weights = None if state["weights"] is None else state["weights"].to(self.device)
+        weights = state.get("weights")  # None also in a rank file written before windows kept them
+        self.weights = None if weights is None else weights.to(self.device)
 
 
 class MetricsLog:

@@ -116,7 +116,7 @@ def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class Trainer:
-    """Holds one run's state; `train()` is the whole story, top to bottom."""
+    """Holds one run's state; `train()` tells the story top to bottom, one method per chapter."""
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -196,7 +196,7 @@ class Trainer:
         ga = config.gradient_accumulation_steps
         return [micro[i : i + ga] for i in range(0, len(micro), ga)]
 
-    def _step(self, micro_batches: list[list[int]]) -> tuple[torch.Tensor, float, bool]:
+    def _optimizer_step(self, micro_batches: list[list[int]]) -> tuple[torch.Tensor, float, bool]:
         """Forward/backward over the step's micro-batches and the update; returns this rank's sums for
         the log window, the gradient norm, and whether the step was finite on every rank."""
         acc, config, data = self.accelerator, self.config, self.data
@@ -218,7 +218,14 @@ class Trainer:
                 else:
                     out = model_outputs(self.model, batch, output_router_logits=True)
                     ce = token_losses(out.logits, batch["targets"])
-                    aux = router_balance_loss(out.router_logits, self.moe, _real_tokens(batch))
+                    # A rank whose share of the step ran out runs a dummy row without real tokens:
+                    # nothing to balance (the formula would be 0/0); a zero tied to the router keeps
+                    # the same parameters in every rank's graph.
+                    aux = (
+                        router_balance_loss(out.router_logits, self.moe, _real_tokens(batch))
+                        if indices
+                        else out.router_logits[0].sum() * 0
+                    )
                 coef = self.balancing.coefficients(batch, ce, step_counts)
                 objective = (coef * ce).sum()
                 # The router balance loss of each forward, averaged over the step's forwards on all ranks.
@@ -484,10 +491,10 @@ class Trainer:
         schedule = self._schedule()
         self._build_training(schedule, resume_from, saved)
         start = self.progress.step
-        stop_early, stopped_by = self._run(schedule)
+        stopped_by = self._run(schedule)
         if stopped_by:
             return TrainResult(self.out, None, self.progress.step, self.progress.step - start, self.progress, stopped_by)
-        return self._finish(schedule, start, stop_early)
+        return self._finish(schedule, start)
 
     def _resume_point(self, info: dict) -> tuple[Path | None, dict | None]:
         """The checkpoint to resume from and its trainer state, checked against this launch."""
@@ -575,24 +582,28 @@ class Trainer:
             for index in range(max(0, start - epoch * schedule.per_epoch), len(steps)):
                 yield epoch, index, steps
 
-    def _run(self, schedule: Schedule) -> tuple[bool, str]:
-        """Train until the last step, early stopping or a signal; returns (stopped early, the signal's
-        name or "" when not stopped by one). A signal leaves a checkpoint to resume from."""
+    def _run(self, schedule: Schedule) -> str:
+        """Train until the last step, early stopping or a signal on any rank; returns the signal's name
+        ("" when not stopped by one), having left a checkpoint to resume from."""
         acc, p = self.accelerator, self.progress
         bar = tqdm(total=schedule.total, initial=p.step, disable=not self.main, desc="train", dynamic_ncols=True)
-        stop_early = False
+        stop_early = signalled = False
         with StopRequest() as stop_request:
             for epoch, index, steps in self._positions(schedule):
                 self._train_step(steps[index])
                 bar.update(1)
                 stop_early = self._after_step(epoch + (index + 1) / len(steps), index == len(steps) - 1, schedule, bar)
-                # Every rank stops at the same step: the signal may have reached only some of them.
-                signalled = torch.tensor(float(stop_request.received is not None), device=acc.device)
-                if stop_early or p.step >= schedule.total or float(acc.reduce(signalled, reduction="sum")):
+                # Decided together: the signal may have reached only some ranks, and every rank must
+                # take the same way out (a checkpoint, or the end of the run).
+                received = torch.tensor(float(stop_request.received is not None), device=acc.device)
+                signalled = float(acc.reduce(received, reduction="sum")) > 0
+                if stop_early or p.step >= schedule.total or signalled:
                     break
             bar.close()
-            if stop_request.received is None and (p.step >= schedule.total or stop_early):
-                return stop_early, ""
+            if not signalled and (p.step >= schedule.total or stop_early):
+                if stop_early:
+                    acc.print(f"early stopping at step {p.step}: no improvement in {p.stalls} evaluations")
+                return ""
             self._checkpoint()
             name = stop_request.name or "a signal on another process"
             acc.print(
@@ -600,7 +611,7 @@ class Trainer:
                 "Resume with resume_from_checkpoint=auto"
             )
             self.metrics.close()
-            return stop_early, stop_request.name or "signal"
+            return stop_request.name or "signal"
 
     def _train_step(self, micro_batches: list[list[int]]) -> None:
         """One optimizer step and its counters; a non-finite one is counted (or stops the run)."""
@@ -608,7 +619,7 @@ class Trainer:
         # Logged with the step: the validation update after it sets the next step's weights.
         weights = None if self.balancing.weights is None else self.balancing.weights.clone()
         started = time.perf_counter()
-        step_sums, grad_norm, finite = self._step(micro_batches)
+        step_sums, grad_norm, finite = self._optimizer_step(micro_batches)
         p.train_seconds += time.perf_counter() - started
         p.step += 1
         if finite:
@@ -634,11 +645,9 @@ class Trainer:
             self._checkpoint()
         return stop_early
 
-    def _finish(self, schedule: Schedule, start: int, stop_early: bool) -> TrainResult:
+    def _finish(self, schedule: Schedule, start: int) -> TrainResult:
         """The last log line and evaluation, final/ and best/."""
         acc, p = self.accelerator, self.progress
-        if stop_early:
-            acc.print(f"early stopping at step {p.step}: no improvement in {p.stalls} evaluations")
         if self.window.steps:
             self._log_train(p.step / schedule.per_epoch)
         if self.data.valid and p.last_eval_step != p.step:
