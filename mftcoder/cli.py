@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from mftcoder.errors import MFTCoderError
@@ -120,8 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+# When one process of a launch exits, the launcher terminates the others, possibly before they have
+# printed anything. Every process of a launch meets the same errors, so the main process reports
+# them; another one waits this long first and reports only if it is still alive then, so that the
+# message is shown once, and shown even when the main process was the slower one.
+REPORT_GRACE_SECONDS = 3.0
+
+
+def report(err: MFTCoderError) -> None:
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":
+        time.sleep(REPORT_GRACE_SECONDS)
+    print(f"error: {err}" if rank == "0" else f"error (process {rank}): {err}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,8 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except MFTCoderError as err:
-        if _is_main_process():
-            print(f"error: {err}", file=sys.stderr)
+        report(err)
         return 2
 
 

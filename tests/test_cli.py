@@ -77,3 +77,20 @@ def test_readme_documents_every_config_key():
     readme = (REPO / "README.md").read_text()
     missing = [name for name in TrainConfig.model_fields if f"`{name}`" not in readme]
     assert not missing, f"README config reference lacks: {missing}"
+
+
+@pytest.mark.parametrize(("rank", "waits", "prefix"), [("0", [], "error: "), ("1", [3.0], "error (process 1): ")])
+def test_the_main_process_reports_at_once_the_others_after_a_grace_period(
+    rank, waits, prefix, tmp_path, monkeypatch, capsys
+):
+    """The launcher stops the other processes when one exits: rank 0 speaks first, and another
+    rank speaks only if it is still alive after the grace period (rank 0 was slower or gone)."""
+    import mftcoder.cli as cli
+
+    slept = []
+    monkeypatch.setattr(cli.time, "sleep", slept.append)
+    monkeypatch.setenv("RANK", rank)
+    assert main(["merge", "--adapter", str(tmp_path), "--output", str(tmp_path / "m")]) == 2
+    assert slept == waits
+    err = capsys.readouterr().err
+    assert err.startswith(prefix) and "not a LoRA adapter" in err
