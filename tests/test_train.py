@@ -139,8 +139,12 @@ def test_accumulation_equals_a_larger_batch(tiny_config, tmp_path, mode):
             assert ma["task_weight"] == pytest.approx(mb["task_weight"], rel=1e-4)
 
 
-def weighted_mean(values: dict[str, float], weights: dict[str, float], norm: dict[str, float]) -> float:
-    return sum(weights[t] * v for t, v in values.items()) / sum(norm[t] for t in values)
+def objective_with(line: dict, weights: dict[str, float], mode: str) -> float:
+    """The step objective made of a train line's task losses with `weights`: Σ ω_k ℓ_k / Σ ω_k over
+    the tasks present, or for focal (whose logged weights are w_k φ_k, static w = 1) over their count."""
+    losses = line["task_loss"]
+    norm = len(losses) if mode == "focal_task" else sum(weights[t] for t in losses)
+    return sum(weights[t] * v for t, v in losses.items()) / norm
 
 
 @pytest.mark.parametrize("mode", ["focal_task", "self_paced", "coba"])
@@ -155,13 +159,9 @@ def test_logged_task_weights_are_those_the_step_applied(tiny_config, mode):
     assert [m["step"] for m in lines] == list(range(1, 7))
     weights = [m["task_weight"] for m in lines]
     for line, w in zip(lines, weights):
-        norm = {t: 1.0 for t in w} if mode == "focal_task" else w
-        assert line["loss"] == pytest.approx(weighted_mean(line["task_loss"], w, norm), rel=1e-5), line["step"]
+        assert line["loss"] == pytest.approx(objective_with(line, w, mode), rel=1e-5), line["step"]
     # Discriminating: the next step's weights give another objective at most steps.
-    misfits = 0
-    for line, w in zip(lines, weights[1:]):
-        norm = {t: 1.0 for t in w} if mode == "focal_task" else w
-        misfits += line["loss"] != pytest.approx(weighted_mean(line["task_loss"], w, norm), rel=1e-5)
+    misfits = sum(line["loss"] != pytest.approx(objective_with(line, w, mode), rel=1e-5) for line, w in zip(lines, weights[1:]))
     assert misfits >= 3, weights
     # TensorBoard shows the same weights under MFTCoder's tags.
     tags = EventAccumulator(str(result.output_dir / "logs")).Reload()
