@@ -124,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 # When one process of a launch exits, the launcher terminates the others, possibly before they have
 # printed anything. Every process of a launch meets the same errors, so the main process reports
 # them; another one waits this long first and reports only if it is still alive then, so that the
-# message is shown once, and shown even when the main process was the slower one.
-REPORT_GRACE_SECONDS = 3.0
+# message is shown once, and shown even when the main process was the slower one. Ranks start
+# seconds apart on a loaded machine (3 s was too short on a 2-core CI box), and an error only one
+# rank meets leaves the others blocked in a collective for far longer than this anyway.
+REPORT_GRACE_SECONDS = 30.0
 
 
 def report(err: MFTCoderError) -> None:

@@ -79,7 +79,7 @@ def test_readme_documents_every_config_key():
     assert not missing, f"README config reference lacks: {missing}"
 
 
-@pytest.mark.parametrize(("rank", "waits", "prefix"), [("0", [], "error: "), ("1", [3.0], "error (process 1): ")])
+@pytest.mark.parametrize(("rank", "waits", "prefix"), [("0", [], "error: "), ("1", [30.0], "error (process 1): ")])
 def test_the_main_process_reports_at_once_the_others_after_a_grace_period(
     rank, waits, prefix, tmp_path, monkeypatch, capsys
 ):
