@@ -13,7 +13,8 @@ The formula, in bytes (mixed precision with bf16 working copies, Adam; ZeRO pape
                                     matrix (counted by wrapping the meta model as mftcoder does)
     Q  parameters of nn.Linear layers other than the head (what bitsandbytes quantises for QLoRA)
     N  processes (GPUs over all nodes)     K  optimizer bytes per trainable parameter: fp32 master
-                                              copy + Adam m, v = 12 (8-bit Adam: 4 + 2 = 6)
+                                              copy + Adam m, v = 12 (8-bit Adam: 4 + 2 = 6; the
+                                              offload presets run DeepSpeed's CPU AdamW: 12)
     frozen base F  = 0 (full) | 2·P (LoRA) | q·Q + 2·(P − Q) (QLoRA; q = 0.5 + 1/64 + 4/(64·256)
                      bytes for NF4 with double-quantised block constants, 1 for 8-bit)
 
@@ -215,7 +216,8 @@ def estimate(m: ModelSizes, run: Run, preset: str, processes: int, per_node: int
     trainable = m.trainable
     quantised = NF4_BYTES if run.quantization_bits == 4 else 1.0
     frozen = {"full": 0, "lora": 2 * m.params, "qlora": quantised * m.linear + 2 * (m.params - m.linear)}[run.mode]
-    k = 6 if "8bit" in run.optimizer else 12
+    # Under optimizer offload DeepSpeed's CPU AdamW runs (mftcoder refuses an 8-bit optimizer there).
+    k = 6 if "8bit" in run.optimizer and not preset.endswith("offload") else 12
     n = processes
     weights, grads, states, cpu = frozen + 2 * trainable, 2 * trainable, k * trainable, 0.0
     if preset != "ddp":

@@ -14,10 +14,12 @@ from conftest import REPO, launch_env
 from mftcoder.config import dump_config
 from mftcoder.errors import LaunchError
 from mftcoder.training.launch import (
+    DEEPSPEED_CPU_ADAMW,
     Launcher,
     _deepspeed_precision,
     check_launcher,
     deepspeed_plugin,
+    optimizer_in_use,
     resolve_mixed_precision,
 )
 
@@ -123,6 +125,42 @@ def test_zero3_must_gather_16bit_weights_to_save(monkeypatch, tiny_config):
         deepspeed_plugin(tiny_config(), world_size=2)
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "true")
     assert deepspeed_plugin(tiny_config(), world_size=2).zero_stage == 3
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
+def test_an_8bit_optimizer_with_deepspeed_optimizer_offload_is_refused(monkeypatch, tiny_config, optimizer):
+    """Under optimizer offload accelerate swaps any optimizer for DeepSpeed's CPU Adam, in AdamW mode for
+    torch's AdamW only: an 8-bit AdamW would silently become Adam with L2 decay and 32-bit states."""
+    _deepspeed_env(monkeypatch, DEEPSPEED_ZERO_STAGE="2", DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE="cpu")  # zero2_offload
+    with pytest.raises(LaunchError) as err:
+        deepspeed_plugin(tiny_config(optimizer=optimizer), world_size=2)
+    message = str(err.value)
+    assert f"optimizer: {optimizer} cannot run with offload_optimizer_device: cpu" in message
+    assert "Set optimizer: adamw" in message and "configs/accelerate/deepspeed_zero2.yaml" in message
+    # adamw goes ahead, and run.json names what really runs.
+    adamw = tiny_config(optimizer="adamw")
+    assert optimizer_in_use(adamw, deepspeed_plugin(adamw, world_size=2)) == DEEPSPEED_CPU_ADAMW
+    # Without optimizer offload the 8-bit optimizer runs as built.
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
+    eight_bit = tiny_config(optimizer=optimizer)
+    assert optimizer_in_use(eight_bit, deepspeed_plugin(eight_bit, world_size=2)) == optimizer
+    assert optimizer_in_use(eight_bit, None) == optimizer  # no DeepSpeed
+
+
+@pytest.mark.unit
+def test_a_deepspeed_json_that_offloads_the_optimizer_is_checked_too(monkeypatch, tiny_config, tmp_path):
+    """The same swap from a DeepSpeed json (here ZeRO-3), unless it sets zero_force_ds_cpu_optimizer:
+    false, which makes accelerate pass the 8-bit optimizer through to run on the offloaded states."""
+    zero = {"stage": 3, "offload_optimizer": {"device": "cpu"}, "stage3_gather_16bit_weights_on_model_save": True}
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": zero}))
+    _deepspeed_env(monkeypatch, DEEPSPEED_CONFIG_FILE=str(ds_json))
+    with pytest.raises(LaunchError, match="optimizer: adamw_8bit cannot run with offload_optimizer_device: cpu"):
+        deepspeed_plugin(tiny_config(optimizer="adamw_8bit"), world_size=2)
+    ds_json.write_text(json.dumps({"zero_optimization": zero, "zero_force_ds_cpu_optimizer": False}))
+    config = tiny_config(optimizer="adamw_8bit")
+    assert optimizer_in_use(config, deepspeed_plugin(config, world_size=2)) == "adamw_8bit"
 
 
 @pytest.mark.unit

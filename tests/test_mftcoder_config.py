@@ -20,7 +20,7 @@ from mftcoder.errors import ConfigError
 
 pytestmark = pytest.mark.unit
 
-SAMPLES = Path(__file__).parents[1] / ".." / "shared" / "reference" / "mftcoder-configs"
+SAMPLES = Path(__file__).parent / "data" / "mftcoder_configs"
 
 # Transcribed from the spec's §2 table (`MftTrainArgs`, 60 fields), in its order.
 SPEC_FIELDS = [
@@ -89,13 +89,6 @@ def workspace(tmp_path: Path) -> dict[str, Path]:
     return {"task_a": tasks[0], "task_b": tasks[1], "model": model, "output": tmp_path / "out", "tmp": tmp_path}
 
 
-def sample_path(name: str) -> Path:
-    path = SAMPLES / f"{name}_train_config.json"
-    if not path.is_file():
-        pytest.skip(f"MFTCoder sample config not found at {path.resolve()} (shared reference data absent)")
-    return path
-
-
 def instantiate_sample(name: str, ws: dict[str, Path]) -> Path:
     """The sample with its `$...` placeholders replaced by real paths; the trailing '/' is deliberate."""
     placeholders = {
@@ -105,7 +98,7 @@ def instantiate_sample(name: str, ws: dict[str, Path]) -> Path:
         "$MODEL_NAME_OR_PATH": str(ws["model"]),
         "$MODEL_TYPE": "llama",
     }
-    text = sample_path(name).read_text(encoding="utf-8")
+    text = (SAMPLES / f"{name}_train_config.json").read_text(encoding="utf-8")
     for placeholder, value in placeholders.items():
         text = text.replace(placeholder, json.dumps(value)[1:-1])
     assert "$" not in text, "a placeholder was not substituted"

@@ -1,7 +1,8 @@
 """The shipped Accelerate presets, each through a real 2-process `accelerate launch` on CPU.
 
 Every launch is `accelerate launch --config_file configs/accelerate/X.yaml --num_processes 2` with
-no special environment variable: mftcoder must select the CPU, gloo and DeepSpeed itself. Each test
+no special environment variable: mftcoder must select the CPU, gloo and DeepSpeed itself (a
+multi-node preset runs as two such launchers of one process each, as on two machines). Each test
 asserts the world size and distributed type the run really got (run.json), and that the ranks
 trained as one: the saved final weights equal those of a 1-process run on the same global batch
 (2 processes x 1 sample x 2 accumulation steps = 1 process x 4 samples). Under ZeRO the saved
@@ -22,14 +23,20 @@ there (tests/test_launch.py); see test_fsdp2_* below for how our FSDP path is st
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
+import os
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -99,23 +106,77 @@ def config_file(root, small_data, tiny_base) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A port nothing listens on now: launchers that must all be told the same one cannot use 0."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_together(commands: list[list[str]], cwd: Path) -> list[str]:
+    """Runs the commands at the same time and returns their consoles. They wait for each other in the
+    rendezvous and the collectives, so once one fails the others are stopped rather than left waiting
+    for their timeout; each runs in its own session so that stopping it reaches its workers too."""
+    with contextlib.ExitStack() as files:
+        logs = [files.enter_context(tempfile.TemporaryFile("w+")) for _ in commands]
+        procs = [
+            subprocess.Popen(
+                command, env=launch_env(), stdout=log, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                start_new_session=True,
+            )
+            for command, log in zip(commands, logs, strict=True)
+        ]  # fmt: skip
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while time.monotonic() < deadline:
+            codes = [proc.poll() for proc in procs]
+            if None not in codes or any(codes):
+                break
+            time.sleep(0.5)
+        timed_out = time.monotonic() >= deadline
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        consoles = []
+        for log in logs:
+            log.seek(0)
+            consoles.append(log.read())
+    failed = [
+        f"launch {i} ({p.returncode}):\n{c[-6000:]}"
+        for i, (p, c) in enumerate(zip(procs, consoles, strict=True))
+        if p.returncode
+    ]
+    assert not failed, (f"timed out after {LAUNCH_TIMEOUT} s\n" if timed_out else "") + "\n".join(failed)
+    return consoles
+
+
 def launch(
     config_file: Path, preset: str, name: str, *overrides: str,
-    flags=("--mixed_precision", "no"), entry=("-m", "mftcoder"),
+    flags=("--mixed_precision", "no"), entry=("-m", "mftcoder"), machines=1,
 ):  # fmt: skip
-    """One 2-process run of `preset`; returns (output_dir, run.json, console)."""
+    """One 2-process run of `preset`; returns (output_dir, run.json, console). With machines=2 the two
+    processes are two launchers of one process each, started together on this host as on two nodes
+    (machine 0 holds the rendezvous); the console is then machine 0's, where the main process prints."""
     out = config_file.parent / name
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(PRESETS / preset),
-        "--num_processes", "2", "--main_process_port", "0", *flags,
-        *entry, "train", str(config_file), f"output_dir={out}", *DIST, *overrides,
+    if machines == 1:
+        placements = [["--main_process_port", "0"]]
+    else:
+        port = str(free_port())
+        placements = [
+            ["--num_machines", str(machines), "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+             "--main_process_port", port]
+            for rank in range(machines)
+        ]  # fmt: skip
+    commands = [
+        [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(PRESETS / preset),
+            "--num_processes", "2", *placement, *flags,
+            *entry, "train", str(config_file), f"output_dir={out}", *DIST, *overrides,
+        ]
+        for placement in placements
     ]  # fmt: skip
-    proc = subprocess.run(
-        command, env=launch_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=config_file.parent
-    )
-    console = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{console[-8000:]}"
-    return out, json.loads((out / "run.json").read_text()), console
+    consoles = run_together(commands, cwd=config_file.parent)
+    return out, json.loads((out / "run.json").read_text()), consoles[0]
 
 
 def serial(config_file: Path, name: str, *overrides: str) -> Path:
@@ -320,8 +381,30 @@ def test_offload_presets_lora_train_as_one_run(preset, config_file, serial_lora)
     out, info, console = launch(config_file, preset, preset.removesuffix(".yaml"))
     assert_world(info, console, "DEEPSPEED")
     assert info["deepspeed"]["offload_optimizer"] == "cpu"
+    assert info["optimizer"] == "DeepSpeedCPUAdam(adamw_mode=True)"
     assert_same_run(out, serial_lora, "adapter_model.safetensors")
     assert_adapter_trained(out)
+
+
+# --- several machines ----------------------------------------------------------------------------
+@pytest.mark.dist
+@pytest.mark.parametrize(
+    ("preset", "distributed"),
+    [("multinode_ddp.yaml", "MULTI_CPU"), ("multinode_deepspeed_zero2.yaml", "DEEPSPEED")],
+)
+def test_multinode_preset_on_two_machines_trains_as_one_run(preset, distributed, config_file, serial_lora):
+    """The preset's own command, run once per machine: two launchers on this host stand for two
+    nodes of one process each, meeting at machine 0's address (torchrun's static rendezvous, for
+    DeepSpeed through its `standard` multi-node launcher). A world of 2 can only come from the two
+    launchers connecting, and the weights show that both ranks trained on their share of each step.
+    A checkpoint holds a file from each machine's process."""
+    name = preset.removesuffix(".yaml")
+    out, info, console = launch(config_file, preset, name, "checkpointing_steps=2", machines=2)
+    assert_world(info, console, distributed)
+    assert info["optimizer"] == "adamw"
+    assert_same_run(out, serial_lora, "adapter_model.safetensors")
+    assert_adapter_trained(out)
+    assert sorted(p.name for p in (out / "checkpoints" / "step-2").glob("rank-*.pt")) == ["rank-0.pt", "rank-1.pt"]
 
 
 # --- FSDP2 -----------------------------------------------------------------------------------------
@@ -563,6 +646,10 @@ def test_memory_formula_by_hand(memory):
     assert qlora["weights"] == pytest.approx((0.5 + 1 / 64 + 4 / (64 * 256)) * 800 + 2 * 200 + 40)
     eight_bit = memory.estimate(sizes, tiny_run(memory, optimizer="paged_adamw_8bit"), "ddp", processes=4, per_node=4)
     assert eight_bit["optimizer"] == 6 * 20
+    # Under optimizer offload DeepSpeed's CPU AdamW runs instead (an 8-bit optimizer is refused there).
+    eight_bit_run = tiny_run(memory, optimizer="adamw_8bit")
+    offload = memory.estimate(sizes, eight_bit_run, "deepspeed_zero2_offload", processes=4, per_node=4)
+    assert offload["cpu_per_node"] == lora["deepspeed_zero2_offload"]["cpu_per_node"] == 240
 
 
 @pytest.mark.unit

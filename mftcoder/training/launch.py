@@ -28,6 +28,9 @@ MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 COMPUTE_DTYPE = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LIBRARIES = ("mftcoder", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "deepspeed")
 GATHER_16BIT = "zero_optimization.stage3_gather_16bit_weights_on_model_save"
+OFFLOAD_OPTIMIZER = "zero_optimization.offload_optimizer.device"
+# What DeepSpeed runs in place of `optimizer: adamw` when the optimizer states are offloaded.
+DEEPSPEED_CPU_ADAMW = "DeepSpeedCPUAdam(adamw_mode=True)"
 
 
 def _flag(value: str | None) -> bool:
@@ -113,7 +116,8 @@ def _deepspeed_precision(plugin: DeepSpeedPlugin, launcher: str | None) -> str |
 
 def deepspeed_plugin(config: TrainConfig, world_size: int) -> DeepSpeedPlugin:
     """The launcher's DeepSpeed settings, with the batch settings DeepSpeed needs taken from the
-    train config: a value left out or `auto` is filled in, a different one is refused."""
+    train config: a value left out or `auto` is filled in, a different one is refused. So is an
+    optimizer that DeepSpeed would replace by another one."""
     plugin = DeepSpeedPlugin()
     batch = config.per_device_train_batch_size
     wanted = {
@@ -135,6 +139,15 @@ def deepspeed_plugin(config: TrainConfig, world_size: int) -> DeepSpeedPlugin:
             + ". The train config is the only source of batch size, accumulation and clipping "
             "(max_grad_norm): remove these from the accelerate / DeepSpeed config or set them to auto"
         )
+    if config.optimizer != "adamw" and replaces_optimizer(plugin):
+        raise LaunchError(
+            f"optimizer: {config.optimizer} cannot run with offload_optimizer_device: "
+            f"{plugin.get_value(OFFLOAD_OPTIMIZER)} (zero_optimization.offload_optimizer in a DeepSpeed json): "
+            "accelerate would silently replace it by DeepSpeed's CPU Adam, with 32-bit states and the weight "
+            "decay added to the gradient (L2) rather than decoupled as in AdamW. Set optimizer: adamw (DeepSpeed "
+            "then runs its CPU Adam as AdamW, the states in CPU RAM), or keep the 8-bit optimizer with a preset "
+            "that does not offload the optimizer (configs/accelerate/deepspeed_zero2.yaml, deepspeed_zero3.yaml)"
+        )
     if plugin.zero_stage == 3 and plugin.get_value(GATHER_16BIT) is not True:
         raise LaunchError(
             "ZeRO-3 without zero3_save_16bit_model could not save loadable weights (they stay sharded); set "
@@ -142,6 +155,21 @@ def deepspeed_plugin(config: TrainConfig, world_size: int) -> DeepSpeedPlugin:
             "in a DeepSpeed json), as configs/accelerate/deepspeed_zero3.yaml does"
         )
     return plugin
+
+
+def replaces_optimizer(plugin: DeepSpeedPlugin) -> bool:
+    """Whether accelerate hands DeepSpeed its CPU Adam in place of the optimizer mftcoder built. It does
+    whenever the optimizer states are offloaded, unless the DeepSpeed json sets
+    zero_force_ds_cpu_optimizer: false; it keeps AdamW's decoupled weight decay only for torch's AdamW."""
+    offloaded = plugin.get_value(OFFLOAD_OPTIMIZER, "none") != "none"
+    return offloaded and bool(plugin.get_value("zero_force_ds_cpu_optimizer", True))
+
+
+def optimizer_in_use(config: TrainConfig, plugin: DeepSpeedPlugin | None) -> str:
+    """The optimizer that really updates the weights: the config's, or the one DeepSpeed swaps in."""
+    if plugin is not None and replaces_optimizer(plugin):
+        return DEEPSPEED_CPU_ADAMW  # deepspeed_plugin lets only adamw through to the swap
+    return config.optimizer
 
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
@@ -196,13 +224,17 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _deepspeed_plugin(accelerator: Accelerator) -> DeepSpeedPlugin | None:
+    return accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+
+
 def _deepspeed_info(accelerator: Accelerator) -> dict | bool:
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+    plugin = _deepspeed_plugin(accelerator)
+    if plugin is None:
         return False
-    plugin = accelerator.state.deepspeed_plugin
     return {
         "zero_stage": plugin.zero_stage,
-        "offload_optimizer": plugin.get_value("zero_optimization.offload_optimizer.device", "none"),
+        "offload_optimizer": plugin.get_value(OFFLOAD_OPTIMIZER, "none"),
         "offload_param": plugin.get_value("zero_optimization.offload_param.device", "none"),
         "zero3_init": bool(plugin.zero3_init_flag),
         "gather_16bit_on_save": bool(plugin.get_value(GATHER_16BIT, False)),
@@ -228,6 +260,7 @@ def run_info(accelerator: Accelerator, config: TrainConfig) -> dict:
         * config.gradient_accumulation_steps
         * accelerator.num_processes,
         "device": str(accelerator.device),
+        "optimizer": optimizer_in_use(config, _deepspeed_plugin(accelerator)),
         "deepspeed": _deepspeed_info(accelerator),
         "fsdp": _fsdp_info(accelerator),
         "start_time": datetime.now(UTC).isoformat(timespec="seconds"),
