@@ -386,6 +386,47 @@ def test_offload_presets_lora_train_as_one_run(preset, config_file, serial_lora)
     assert_adapter_trained(out)
 
 
+# --- the demo config as shipped, under each preset ---------------------------------------------
+@pytest.fixture(scope="module")
+def demo_config(root) -> Path:
+    """configs/train/demo.yaml unchanged but for its relative paths, anchored at the repository."""
+    raw = yaml.safe_load((REPO / "configs" / "train" / "demo.yaml").read_text())
+    raw["pretrained_model_path"] = str(REPO / raw["pretrained_model_path"])
+    raw["data_paths"] = [str(REPO / path) for path in raw["data_paths"]]
+    path = root / "demo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+PRESET_DISTRIBUTED = {"ddp.yaml": "MULTI_CPU", "deepspeed_zero2.yaml": "DEEPSPEED", "deepspeed_zero3.yaml": "DEEPSPEED"}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize(
+    "preset",
+    [*PRESET_DISTRIBUTED]
+    + [pytest.param(p, marks=pytest.mark.slow) for p in ("deepspeed_zero2_offload.yaml", "deepspeed_zero3_offload.yaml")],
+)
+def test_every_preset_runs_the_demo_config_as_shipped(preset, demo_config):
+    """The demo's own batch, bf16 from the preset and LoRA with embeddings and head trained in full
+    (`lora_modules_to_save`): the adapter's fp32 matrices and the full copies of bf16 base modules
+    must reach the optimizer in one dtype (ZeRO-3 refuses a mix)."""
+    shipped = ["per_device_train_batch_size=8", "gradient_accumulation_steps=1"]  # undo the launch's DIST
+    out, info, console = launch(demo_config, preset, f"demo-{preset}", *shipped, "max_train_steps=2", flags=())
+    assert info["world_size"] == 2 and info["global_batch_size"] == 16, info
+    assert info["distributed_type"] == PRESET_DISTRIBUTED.get(preset, "DEEPSPEED")
+    assert info["mixed_precision"] == "bf16"
+    records = train_records(out)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
+    adapter, base = load_file(out / "final" / "adapter_model.safetensors"), load_file(out / "base_model" / "model.safetensors")
+    for module in ("model.embed_tokens", "lm_head"):
+        trained = adapter[f"base_model.model.{module}.weight"].float()
+        assert trained.shape == base[f"{module}.weight"].shape
+        assert (trained - base[f"{module}.weight"].float()).abs().max().item() > 1e-3, f"{module} was not trained"
+    assert_adapter_trained(out)
+
+
 # --- several machines ----------------------------------------------------------------------------
 @pytest.mark.dist
 @pytest.mark.parametrize(

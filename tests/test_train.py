@@ -217,3 +217,12 @@ def test_new_special_tokens_train_embeddings_and_head(tiny_config):
     assert embed and embed[0].shape[0] == len(tokenizer)
     base = AutoModelForCausalLM.from_pretrained(result.output_dir / "base_model")
     assert base.get_input_embeddings().num_embeddings == len(tokenizer)
+
+
+def test_a_bf16_lora_run_keeps_every_trainable_weight_in_fp32(tiny_config):
+    """The frozen base computes in bf16; the adapter and the full copies of `lora_modules_to_save` are
+    the weights the optimizer updates, so they (and their Adam states) stay fp32."""
+    result = train(tiny_config(dtype="bf16", max_train_steps=1, lora_modules_to_save=["embed_tokens", "lm_head"]))
+    adapter = load_file(result.output_dir / "final" / "adapter_model.safetensors")
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= adapter.keys()
+    assert {t.dtype for t in adapter.values()} == {torch.float32}

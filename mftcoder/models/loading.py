@@ -157,6 +157,15 @@ def _reachable_targets(model, exclude: list[str]) -> set[str]:
     return wanted
 
 
+def cast_trainable(model, dtype: torch.dtype) -> None:
+    """Every trainable parameter in `dtype`. PEFT makes adapters fp32 but copies `modules_to_save` in the
+    frozen base's dtype: left so, those copies would keep bf16 optimizer states, and DeepSpeed ZeRO-3
+    cannot partition trainable parameters of two dtypes at all."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def wrap_lora(config: TrainConfig, model):
     """LoRA on `target_modules` (all-linear: the family's targets, MoE experts included); embeddings and head
     are trained in full when tokens were added."""

@@ -37,7 +37,7 @@ from mftcoder.losses.moe import router_balance, router_balance_loss
 from mftcoder.losses.weighting import balancing_warnings, build_balancing
 from mftcoder.merge import BASE_INFO, base_model_info
 from mftcoder.data.template import chat_format
-from mftcoder.models.loading import load_model, load_tokenizer, wrap_lora
+from mftcoder.models.loading import cast_trainable, load_model, load_tokenizer, wrap_lora
 from mftcoder.training import checkpoint as ckpt
 from mftcoder.training import outputs
 from mftcoder.training.evaluation import Evaluation, evaluate, forward_token_losses, model_outputs, to_device
@@ -183,6 +183,10 @@ class Trainer:
             set_seed(config.seed)  # identical LoRA initialisation on every rank
             model = wrap_lora(config, model)
             model.peft_config["default"].base_model_name_or_path = base_ref
+            # DeepSpeed keeps its own fp32 master copy and trains in the compute dtype; elsewhere the
+            # trainable weights are the master copy and stay fp32.
+            deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+            cast_trainable(model, compute if deepspeed else torch.float32)
         if config.torch_compile:
             model.compile()  # in place: state-dict keys, saving and unwrapping stay as they are
         return model
