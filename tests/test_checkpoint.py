@@ -179,3 +179,106 @@ def test_best_follows_a_named_task(tiny_config):
     best = min(valid, key=lambda m: m["task_loss"]["text_to_code"])
     assert result.progress.best_step == best["step"]
     assert (result.output_dir / "best" / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture
+def fp16_scaler_on_cpu(monkeypatch):
+    """accelerate builds fp16's GradScaler for GPUs only (mftcoder refuses fp16 on CPU); this puts the
+    accelerator in the state it has on a GPU under fp16, with a real torch GradScaler and fp16 autocast on
+    the CPU, so that the trainer's loss-scaling path runs here: accelerate's scaled backward, the unscale in
+    clipping and scaler.step/update in its optimizer wrapper."""
+    import mftcoder.training.trainer as trainer_module
+
+    real = trainer_module.build_accelerator
+
+    def build(config):
+        accelerator = real(config)
+        accelerator.state._mixed_precision = "fp16"
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10_000)
+        return accelerator
+
+    monkeypatch.setattr(trainer_module, "build_accelerator", build)
+
+
+def poison_forward(monkeypatch, calls: set[int], factor: float) -> None:
+    """Multiply the token losses of the given forward calls (one micro-batch per step) by `factor`."""
+    import mftcoder.training.trainer as trainer_module
+
+    real = trainer_module.forward_token_losses
+    count = {"n": 0}
+
+    def poisoned(model, batch):
+        count["n"] += 1
+        ce = real(model, batch)
+        return ce * factor if count["n"] in calls else ce
+
+    monkeypatch.setattr(trainer_module, "forward_token_losses", poisoned)
+
+
+def adapter(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(checkpoint / "adapter_model.safetensors")
+
+
+@pytest.mark.e2e
+def test_fp16_overflow_skips_the_update_lowers_the_loss_scale_and_resumes_exactly(
+    tiny_config, fp16_scaler_on_cpu, monkeypatch, capsys, tmp_path
+):
+    """A finite but huge loss at step 3 overflows the fp16 gradients once the scaler multiplies it: the
+    scaler skips that update and halves its scale, and the run goes on. It is not a non-finite step, so
+    even on_nan: stop lets it pass; a checkpoint holds the lowered scale, and a run resumed there ends
+    where the uninterrupted one does."""
+    import shutil
+
+    poison_forward(monkeypatch, {3}, 1e9)
+    config = tiny_config(max_train_steps=5, checkpointing_steps=1, on_nan="stop", lora_dropout=0.0)
+    result = train(config)
+    out = result.output_dir
+    assert result.steps == 5
+    console = capsys.readouterr().out
+    assert "step 3: fp16 gradients overflowed; update skipped and the loss scale lowered to 2048" in console
+    assert json.loads((out / "run.json").read_text())["mixed_precision"] == "fp16"
+    lines = [m for m in read_metrics(out) if m["split"] == "train"]
+    assert [m["step"] for m in lines] == [1, 2, 4, 5]
+    assert [m["loss_scale"] for m in lines] == [4096, 4096, 2048, 2048]
+    assert [m.get("overflow_steps", 0) for m in lines] == [0, 0, 1, 1]
+    assert not any("skipped_steps" in m for m in lines)
+    steps = {n: adapter(out / "checkpoints" / f"step-{n}") for n in (2, 3, 4)}
+    assert all(torch.equal(steps[2][k], steps[3][k]) for k in steps[2]), "the overflowing update reached the weights"
+    assert any(not torch.equal(steps[3][k], steps[4][k]) for k in steps[3]), "training did not go on"
+    assert torch.load(out / "checkpoints" / "step-3" / "scaler.pt")["scale"] == 2048
+
+    # Resume from step 3 in a copy of the run: the loss scale, weights and log continue exactly.
+    reset_accelerate()
+    copy = tmp_path / "resumed"
+    shutil.copytree(out, copy)
+    for name in ("step-4", "step-5"):
+        shutil.rmtree(copy / "checkpoints" / name)
+    shutil.rmtree(copy / "final")
+    (copy / "checkpoints" / ckpt.LATEST).write_text("step-3\n")
+    resumed = train(config.model_copy(update={"output_dir": str(copy), "resume_from_checkpoint": "auto"}))
+    assert resumed.steps_run == 2
+    ours, reference = adapter(copy / "final"), adapter(out / "final")
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+    timing = {"train_seconds", "tokens_per_s"}
+    strip = lambda lines: [{k: v for k, v in m.items() if k not in timing} for m in lines]  # noqa: E731
+    assert strip(read_metrics(copy)) == strip(read_metrics(out))
+
+
+@pytest.mark.unit
+def test_step_outcome_names_what_happened_to_the_update():
+    from mftcoder.training.step_outcome import Outcome, step_outcome
+
+    assert step_outcome(True, True, applied=True, loss_scaling=False, step=1) is Outcome.APPLIED
+    # Skipped with a finite loss: a loss-scale overflow under fp16, a non-finite gradient otherwise.
+    assert step_outcome(True, False, applied=False, loss_scaling=True, step=1) is Outcome.OVERFLOW
+    assert step_outcome(True, False, applied=False, loss_scaling=False, step=1) is Outcome.NON_FINITE
+    # A non-finite loss is never a mere overflow.
+    assert step_outcome(False, False, applied=False, loss_scaling=True, step=1) is Outcome.NON_FINITE
+    # Skipped by DeepSpeed although mftcoder saw finite numbers (its check is its own): not applied, counted.
+    assert step_outcome(True, True, applied=False, loss_scaling=False, step=1) is Outcome.NON_FINITE
+    for loss_finite, grads_finite in ((False, True), (True, False), (False, False)):
+        with pytest.raises(TrainingError, match="step 4: an update with a non-finite loss or gradient norm was applied"):
+            step_outcome(loss_finite, grads_finite, applied=True, loss_scaling=False, step=4)

@@ -164,6 +164,26 @@ def test_a_deepspeed_json_that_offloads_the_optimizer_is_checked_too(monkeypatch
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize(
+    ("ds_config", "key"),
+    [
+        ({"bf16": {"enabled": True, "check_grad_overflow": False}}, "bf16.check_grad_overflow"),
+        ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, "zero_optimization.compute_grad_norm"),
+    ],
+)  # fmt: skip
+def test_on_nan_skip_is_refused_where_deepspeed_would_apply_a_non_finite_update(
+    monkeypatch, tiny_config, tmp_path, ds_config, key
+):
+    """DeepSpeed steps inside the last backward; the trainer can only report a skip that DeepSpeed made."""
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}, **ds_config}))
+    _deepspeed_env(monkeypatch, DEEPSPEED_CONFIG_FILE=str(ds_json))
+    with pytest.raises(LaunchError, match=rf"on_nan: skip cannot hold with {key}: false in the DeepSpeed config"):
+        deepspeed_plugin(tiny_config(on_nan="skip"), world_size=2)
+    assert deepspeed_plugin(tiny_config(on_nan="stop"), world_size=2).zero_stage == 2
+
+
+@pytest.mark.unit
 def test_a_precision_enabled_in_a_deepspeed_json_is_the_launchers(monkeypatch, tiny_config, tmp_path):
     """accelerate rejects mixed_precision beside a DeepSpeed json and then reports `no`; the json's
     bf16 is what the run gets, so `dtype` is checked against it."""

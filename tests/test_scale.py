@@ -386,6 +386,53 @@ def test_offload_presets_lora_train_as_one_run(preset, config_file, serial_lora)
     assert_adapter_trained(out)
 
 
+# --- a non-finite step under DeepSpeed -----------------------------------------------------------
+# DeepSpeed applies (or skips) the update inside the last backward, before the trainer sees the
+# gradient norm; this entry point poisons rank 0's loss at step 2 so the run can show what it did.
+POISON_STEP_2 = """
+import sys
+
+import torch.distributed as dist
+
+from mftcoder.cli import main
+from mftcoder.training import trainer
+
+real = trainer.forward_token_losses
+calls = {"n": 0}
+
+
+def poisoned(model, batch):
+    calls["n"] += 1
+    ce = real(model, batch)
+    return ce * float("nan") if calls["n"] == 2 and dist.get_rank() == 0 else ce
+
+
+trainer.forward_token_losses = poisoned
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.dist
+def test_zero2_non_finite_step_is_skipped_by_deepspeed_and_reported_as_such(config_file, root):
+    """One micro-batch per step and rank: rank 0's NaN loss at step 2 makes the all-reduced gradients
+    NaN. The update is reported skipped because the engine skipped it (the weights before and after
+    step 2 are equal), and training goes on."""
+    entry = root / "poison_step_2.py"
+    entry.write_text(POISON_STEP_2)
+    out, info, console = launch(
+        config_file, "deepspeed_zero2.yaml", "zero2-nan", "per_device_train_batch_size=2", "gradient_accumulation_steps=1",
+        "checkpointing_steps=1", "on_nan=skip", entry=(str(entry),),
+    )  # fmt: skip
+    assert info["world_size"] == 2 and info["distributed_type"] == "DEEPSPEED", info
+    assert "step 2: non-finite loss or gradient norm" in console and "update skipped (1 so far)" in console
+    records = train_records(out)
+    assert [r["step"] for r in records] == [1, 3] and records[-1]["skipped_steps"] == 1
+    weights = {n: load_file(out / "checkpoints" / f"step-{n}" / "adapter_model.safetensors") for n in (1, 2, 3)}
+    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1]), "DeepSpeed applied the NaN update"
+    assert all(torch.isfinite(t).all() for t in weights[3].values())
+    assert any(not torch.equal(weights[2][k], weights[3][k]) for k in weights[2]), "training did not go on"
+
+
 # --- the demo config as shipped, under each preset ---------------------------------------------
 @pytest.fixture(scope="module")
 def demo_config(root) -> Path:

@@ -45,6 +45,7 @@ from mftcoder.training.launch import COMPUTE_DTYPE, build_accelerator, run_info
 from mftcoder.training.metrics import MetricsLog, TrainWindow, per_task
 from mftcoder.training.optim import build_optimizer, build_scheduler, warmup_steps
 from mftcoder.training.signals import StopRequest
+from mftcoder.training.step_outcome import Outcome, step_outcome
 
 SHARDED_STATE = (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
@@ -62,7 +63,8 @@ class Progress:
     stalls: int = 0
     last_eval_step: int | None = None
     last_checkpoint_step: int | None = None
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # non-finite steps (on_nan: skip)
+    overflow_steps: int = 0  # fp16 loss-scale overflows
     consecutive_nan: int = 0
     lr: float = 0.0
     logged_lines: int = 0  # lines in metrics.jsonl (main process)
@@ -200,9 +202,9 @@ class Trainer:
         ga = config.gradient_accumulation_steps
         return [micro[i : i + ga] for i in range(0, len(micro), ga)]
 
-    def _optimizer_step(self, micro_batches: list[list[int]]) -> tuple[torch.Tensor, float, bool]:
+    def _optimizer_step(self, micro_batches: list[list[int]]) -> tuple[torch.Tensor, float, Outcome]:
         """Forward/backward over the step's micro-batches and the update; returns this rank's sums for
-        the log window, the gradient norm, and whether the step was finite on every rank."""
+        the log window, the gradient norm, and what became of the update (the same on every rank)."""
         acc, config, data = self.accelerator, self.config, self.data
         num_tasks = len(data.tasks)
         batches = [data.train.batch(indices, self.pad_id) for indices in micro_batches]
@@ -244,16 +246,52 @@ class Trainer:
         # One all-reduce tells every rank whether the step was finite and feeds the step's per-task
         # train losses to the balancing strategy (focal's task difficulty).
         step_total = acc.reduce(step_sums.clone(), reduction="sum")
-        finite = math.isfinite(float(step_total[0])) and math.isfinite(grad_norm)
-        if finite:
+        loss_finite = math.isfinite(float(step_total[0]))
+        finite = loss_finite and math.isfinite(grad_norm)
+        self.progress.lr = self.optimizer.param_groups[0]["lr"]
+        applied = self._update(loss_finite, finite)
+        outcome = step_outcome(loss_finite, math.isfinite(grad_norm), applied, self._loss_scale() is not None, self.progress.step + 1)
+        if outcome is Outcome.APPLIED:
             _, task_ce, task_targets, _, _ = self.window.split(step_total)
             self.balancing.observe(task_ce, task_targets)
-        self.progress.lr = self.optimizer.param_groups[0]["lr"]
-        if finite:
-            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return step_sums, grad_norm, finite
+        return step_sums, grad_norm, outcome
+
+    def _update(self, loss_finite: bool, finite: bool) -> bool:
+        """Apply the step's update where this is still to decide; True when it reached the weights."""
+        acc = self.accelerator
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            # The engine already stepped inside the last backward, and skipped the update itself on
+            # non-finite gradients: ask it what it did.
+            return self.model.was_step_applied()
+        if acc.scaler is not None:
+            if not loss_finite:
+                # The scaler still closes the step (unscale_ ran in clipping), or the next one would fail.
+                acc.scaler.update()
+                return False
+            self.optimizer.step()  # the scaler skips the update on overflowing gradients and lowers its scale
+            return not self.optimizer.step_was_skipped
+        if finite:
+            self.optimizer.step()
+        return finite
+
+    def _loss_scale(self) -> float | None:
+        """The dynamic fp16 loss scale in use, if any (torch's GradScaler, or DeepSpeed's own)."""
+        acc = self.accelerator
+        if acc.scaler is not None:
+            return float(acc.scaler.get_scale())
+        if acc.distributed_type == DistributedType.DEEPSPEED and self.model.fp16_enabled():
+            return float(self.model.optimizer.loss_scale)
+        return None
+
+    def _overflow(self) -> None:
+        p = self.progress
+        p.overflow_steps += 1
+        self.accelerator.print(
+            f"\nstep {p.step}: fp16 gradients overflowed; update skipped and the loss scale lowered to "
+            f"{self._loss_scale():g} ({p.overflow_steps} overflows so far; not counted by on_nan)"
+        )
 
     def _non_finite(self, group: list[list[int]]) -> None:
         """Count a skipped update, or stop naming the step and its tasks."""
@@ -289,6 +327,10 @@ class Trainer:
         }
         if p.skipped_steps:
             record["skipped_steps"] = p.skipped_steps
+        if (scale := self._loss_scale()) is not None:
+            record["loss_scale"] = scale
+        if p.overflow_steps:
+            record["overflow_steps"] = p.overflow_steps
         if self.moe is not None:
             forwards = window.steps * self.config.gradient_accumulation_steps * self.accelerator.num_processes
             record["aux_loss"] = aux / forwards  # the router balance loss per forward, before its coefficient
@@ -348,6 +390,8 @@ class Trainer:
         self.progress.logged_lines = self.metrics.lines
         if self.accelerator.distributed_type not in SHARDED_STATE:
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            if self.accelerator.scaler is not None:  # the fp16 loss scale and its growth tracker
+                torch.save(self.accelerator.scaler.state_dict(), directory / "scaler.pt")
         torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
         torch.save(self.balancing.state_dict(), directory / "balancing.pt")
         outputs.write_atomic(directory / "config.yaml", dump_config(self.config))
@@ -452,7 +496,7 @@ class Trainer:
         tmp = self.out / "best.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "balancing.pt", "rank-*.pt", "state", "config.yaml"))
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "scaler.pt", "scheduler.pt", "balancing.pt", "rank-*.pt", "state", "config.yaml"))
         outputs.publish(tmp, self.out / "best")
         self.accelerator.print(f"best/ = step {best} ({self.config.metric_for_best} {self.progress.best_metric:.4f})")
 
@@ -463,6 +507,8 @@ class Trainer:
             acc.load_state(str(checkpoint / "state"))
         else:
             self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
+            if acc.scaler is not None:
+                acc.scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=False))
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
         self.balancing.load_state_dict(torch.load(checkpoint / "balancing.pt", weights_only=False))
         self.progress = Progress(**saved["progress"])
@@ -623,12 +669,14 @@ class Trainer:
         # Logged with the step: the validation update after it sets the next step's weights.
         weights = None if self.balancing.weights is None else self.balancing.weights.clone()
         started = time.perf_counter()
-        step_sums, grad_norm, finite = self._optimizer_step(micro_batches)
+        step_sums, grad_norm, outcome = self._optimizer_step(micro_batches)
         p.train_seconds += time.perf_counter() - started
         p.step += 1
-        if finite:
+        if outcome is Outcome.APPLIED:
             p.consecutive_nan = 0
             self.window.add_step(step_sums, grad_norm, weights)
+        elif outcome is Outcome.OVERFLOW:
+            self._overflow()
         else:
             self._non_finite(micro_batches)
 
