@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Remote modelling code that a test loads (trust_remote_code) is copied here, not into ~/.cache/huggingface.
+os.environ.setdefault("HF_MODULES_CACHE", os.path.join(tempfile.gettempdir(), "mftcoder-tests-hf-modules"))
 # Two cores: one thread per process keeps in-process runs and 2-process launches from thrashing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

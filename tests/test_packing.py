@@ -19,6 +19,7 @@ from mftcoder.data.packing import ISOLATION_VERIFIED, best_fit_decreasing, fill_
 from mftcoder.data.template import chat_format
 from mftcoder.errors import ConfigError, DataError
 from mftcoder.losses.modes import batch_counts, task_sums, token_coefficients
+from mftcoder.models.packing_check import check_packed_isolation, measure_isolation, rounding_tolerance
 from mftcoder.training.evaluation import MODEL_INPUTS, forward_token_losses
 from mftcoder.training.trainer import Trainer
 
@@ -329,6 +330,128 @@ def test_flash_attention_flat_layout_isolates_samples():
         alone = logits_of(model, {"input_ids": torch.as_tensor(s.input_ids, dtype=torch.long, device="cuda")[None]})
         assert float((packed[0, start : start + n] - alone[0].float()).abs().max()) < 5e-2  # bf16
         start += n
+
+
+# --- the start-up check on the loaded model ------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("flat", [False, True])
+def test_start_up_check_passes_the_demo_model_and_keeps_its_mode(attn, flat):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(DEMO_MODEL), attn_implementation=attn)
+    model.train()
+    # The same kernels on a CPU, and the other sample's terms masked to exact zeros: not even rounding differs.
+    assert check_packed_isolation(model, flat, torch.float32, torch.device("cpu")) == 0.0
+    assert model.training and all(p.grad is None for p in model.parameters())
+    model.eval()
+    check_packed_isolation(model, flat, torch.float32, torch.device("cpu"))
+    assert not model.training
+
+
+def test_rounding_tolerance_is_16_units_in_the_last_place_of_the_matmuls():
+    assert rounding_tolerance(torch.bfloat16) == 16 * 2**-7
+    assert rounding_tolerance(torch.float16) == 16 * 2**-10
+    assert rounding_tolerance(torch.float32) == 1e-3  # 16 * 2**-23 is below the floor
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32 on a GPU
+        assert rounding_tolerance(torch.float32) == 16 * 2**-10
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+# transformers' own classes whose attention ignores the position ids' packing, each with a compute dtype whose
+# rounding allowance its leak exceeds. Measured on these tiny random models: OPT's probe logits move by 37% of their
+# size (bf16 allows 12.5%), BLOOM's (ALiBi, small random weights) by 0.82% (fp32 allows 0.1%, bf16 would not see it).
+LEAKY = {
+    "opt": ({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn_dim": 64,
+             "word_embed_proj_dim": 32}, "sdpa", torch.bfloat16),
+    "bloom": ({"hidden_size": 32, "n_layer": 2, "n_head": 4}, "eager", torch.float32),  # it has no sdpa
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", LEAKY)
+def test_start_up_check_refuses_a_model_whose_attention_ignores_packing(model_type):
+    options, attn, dtype = LEAKY[model_type]
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=128, **options)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    assert measure_isolation(model, False, torch.device("cpu")) > 2 * rounding_tolerance(dtype)
+    name = type(model).__name__
+    with pytest.raises(
+        ConfigError,
+        match=rf"padding_mode: pack: packed samples see each other in {name} with attn_implementation {attn}: .*"
+        rf"Use padding_mode: padding, or another attn_implementation than {attn}$",
+    ):
+        check_packed_isolation(model, False, dtype, torch.device("cpu"))
+
+
+SELF_MASKING_CODE = """
+import torch
+from transformers import LlamaForCausalLM
+
+
+class SelfMaskingLlamaForCausalLM(LlamaForCausalLM):
+    \"\"\"Masks the whole row causally, as modelling code that builds its own mask does: without an attention
+    mask it passes an all-ones one, so transformers does not derive the mask from the position ids.\"\"\"
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+"""
+
+
+@pytest.mark.e2e
+def test_remote_code_with_a_mask_of_its_own_is_refused_at_load(tiny_config, tmp_path):
+    """The config names the llama family, so validation lets pack mode pass; the class that loads is the
+    model repository's own."""
+    model = tmp_path / "self_masking_llama"
+    model.mkdir()
+    model_config = json.loads((DEMO_MODEL / "config.json").read_text())
+    model_config["auto_map"] = {"AutoModelForCausalLM": "modeling_self_masking.SelfMaskingLlamaForCausalLM"}
+    (model / "config.json").write_text(json.dumps(model_config))
+    (model / "modeling_self_masking.py").write_text(SELF_MASKING_CODE)
+    config = tiny_config(
+        pretrained_model_path=str(model), tokenizer_path=str(DEMO_MODEL), trust_remote_code=True, padding_mode="pack"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"see each other in SelfMaskingLlamaForCausalLM \(remote code\) with attn_implementation sdpa: .*"
+        r"Use padding_mode: padding, or trust_remote_code: false",
+    ):
+        Trainer(config).train()
+    assert not (tmp_path / "out" / "final").exists()
+
+
+@pytest.mark.e2e
+def test_a_hub_model_validation_could_not_read_is_checked_at_load(tiny_config, tmp_path, monkeypatch):
+    """Validated online before it is downloaded, a hub id is not read, so no family check refuses pack mode;
+    the OPT model it names is refused when it loads. Once in the cache, validation refuses it by family."""
+    import huggingface_hub.constants as hub_constants
+
+    # huggingface_hub reads its cache and offline settings once, when imported: the test sets its own.
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    settings = {"pretrained_model_path": "acme/tiny-opt", "tokenizer_path": str(DEMO_MODEL), "padding_mode": "pack"}
+    config = tiny_config(**settings)
+    repo = tmp_path / "hub" / "models--acme--tiny-opt"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    tiny_opt = {"model_type": "opt", "vocab_size": 1294, **LEAKY["opt"][0]}
+    (repo / "snapshots" / "abc123" / "config.json").write_text(json.dumps(tiny_opt))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # downloaded: nothing may reach the network
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        ConfigError, match=r"packed samples see each other in OPTForCausalLM with attn_implementation sdpa"
+    ):
+        Trainer(config).train()
+    assert not (tmp_path / "out" / "final").exists()
+    with pytest.raises(ConfigError, match=r"sample isolation is verified for .* not for opt"):
+        tiny_config(**settings)
 
 
 # --- a run -------------------------------------------------------------------------------------

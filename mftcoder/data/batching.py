@@ -86,6 +86,21 @@ def _rows(rows: Sequence[Sequence[Sample]], pad_id: int) -> dict[str, np.ndarray
     }
 
 
+# Batch entries the model takes. A packed batch has position ids and no attention mask (plus the
+# sequence lengths under flash-attention), a padded one an attention mask.
+MODEL_INPUTS = (
+    "input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+)  # fmt: skip
+
+
+def to_device(batch: dict[str, torch.Tensor | int], device: torch.device) -> dict[str, torch.Tensor | int]:
+    """Tensors to `device`; plain ints (flash-attention's max lengths) stay on the host."""
+    return {
+        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
+    }
+
+
 def _tensors(arrays: dict[str, np.ndarray], keys: Sequence[str]) -> dict[str, torch.Tensor]:
     return {key: torch.from_numpy(arrays[key]) for key in keys}
 

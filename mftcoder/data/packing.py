@@ -12,7 +12,8 @@ all weights equal (the usual case) there is one group and any tasks mix in a bin
 
 Isolation is the collator's job (`batching.collate_packed`): position ids restart for every
 sample, the last token of a sample has no target, and no attention mask is passed, so transformers
-builds the block-diagonal causal mask from the position ids.
+builds the block-diagonal causal mask from the position ids. Whether the loaded model's attention
+really does is checked on that model before training (`mftcoder.models.packing_check`).
 
 Concat (MFTCoder's stream chunking, for `text` records): a task's samples are joined into one
 token stream cut into windows of `seq_length` tokens that overlap by one token, so every token but

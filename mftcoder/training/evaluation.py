@@ -6,15 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mftcoder.data.batching import Split, rank_micro_batches
+from mftcoder.data.batching import MODEL_INPUTS, Split, rank_micro_batches, to_device
 from mftcoder.losses.modes import task_sums, token_losses
 from mftcoder.training.metrics import per_task
-
-# Batch entries the model takes. A packed batch has position ids and no attention mask (plus the
-# sequence lengths under flash-attention), a padded one an attention mask.
-MODEL_INPUTS = (
-    "input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -36,14 +30,6 @@ def model_outputs(model, batch: dict[str, torch.Tensor], **options):
 def forward_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-token CE of one collated batch (already on the model's device)."""
     return token_losses(model_outputs(model, batch).logits, batch["targets"])
-
-
-def to_device(batch: dict[str, torch.Tensor | int], device: torch.device) -> dict[str, torch.Tensor | int]:
-    """Tensors to `device`; plain ints (flash-attention's max lengths) stay on the host."""
-    return {
-        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-        for key, value in batch.items()
-    }
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ from mftcoder.losses.weighting import balancing_warnings, build_balancing
 from mftcoder.merge import BASE_INFO, base_model_info
 from mftcoder.data.template import chat_format
 from mftcoder.models.loading import cast_trainable, load_model, load_tokenizer, wrap_lora
+from mftcoder.models.packing_check import check_packed_isolation
 from mftcoder.training import checkpoint as ckpt
 from mftcoder.training import outputs
 from mftcoder.training.evaluation import Evaluation, evaluate, forward_token_losses, model_outputs, to_device
@@ -596,6 +597,10 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         if acc.distributed_type in SHARDED_STATE:
             acc.register_for_checkpointing(self.scheduler)
+        if config.padding_mode == "pack":
+            # On the loaded class, not its name (validation cannot see remote code or an unread hub id); after
+            # `prepare`, where every rank can run a forward of the (ZeRO-3 or FSDP sharded) model together.
+            check_packed_isolation(self.model, self.data.train.flatten, COMPUTE_DTYPE[acc.mixed_precision], acc.device)
         self.model.train()
         set_seed(config.seed, device_specific=True)
         self.window = TrainWindow(len(self.data.tasks), acc.device)

@@ -1,0 +1,113 @@
+"""Pack mode's start-up check: on the model about to train, packed samples must not see each other.
+
+Validation judges pack mode by the family of a local model directory only: a hub id it could not read, or remote
+modelling code (`trust_remote_code`) that builds its own causal mask, would reach training unchecked, and a family name
+says nothing certain about the class and attention implementation that really load. Isolation is behaviour: the
+attention takes the block-diagonal mask from the restarting position ids (in the flat layout of flash-attention-2, from
+the sequence lengths). So before the first step a probe sample C runs in the layout training uses, packed after a
+sample A in one row and after a different sample B in another (a model may mask rows of a batch differently from a
+single row), and alone. Its logits may differ by rounding only: the packed and the single forward have other shapes,
+which may take other kernels. A leak moves them by a good part of their size (C attends to 32 foreign tokens, or its
+positions do not restart); the demo model moves them by exactly 0 on a CPU.
+
+Token ids are drawn from a fixed seed, so every rank runs the same forwards and reaches the same verdict (ZeRO-3 and
+FSDP gather the weights layer by layer, all ranks together).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from accelerate.utils import extract_model_from_parallel
+from peft import PeftModel
+
+from mftcoder.data.batching import MODEL_INPUTS, collate_flat, collate_packed, to_device
+from mftcoder.data.dataset import Sample
+from mftcoder.errors import ConfigError, Issue
+
+LEADING, PROBE = 32, 16  # tokens of the samples A and B, and of the probe sample C
+_PROBE_SEED = 0x49534F4C
+# The unit in the last place of fp32 matmuls under torch.set_float32_matmul_precision: TF32 keeps 10 bits of
+# mantissa, "medium" computes in bf16.
+_FP32_MATMUL_EPS = {
+    "highest": torch.finfo(torch.float32).eps,
+    "high": 2.0**-10,
+    "medium": torch.finfo(torch.bfloat16).eps,
+}
+
+
+def rounding_tolerance(dtype: torch.dtype) -> float:
+    """How far, relative to the largest of its logits alone, a sample's packed logits may move by rounding in the
+    compute `dtype`: 16 units in the last place, at least 1e-3."""
+    eps = _FP32_MATMUL_EPS[torch.get_float32_matmul_precision()] if dtype == torch.float32 else torch.finfo(dtype).eps
+    return max(1e-3, 16 * eps)
+
+
+def _transformers_model(model):
+    """The transformers model inside the Accelerate/DeepSpeed wrapper and the PEFT one."""
+    model = extract_model_from_parallel(model)
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def _logits(model, batch: dict, device: torch.device) -> torch.Tensor:
+    inputs = to_device({key: batch[key] for key in MODEL_INPUTS if key in batch}, device)
+    return model(**inputs, use_cache=False).logits.float()
+
+
+def measure_isolation(model, flat: bool, device: torch.device) -> float:
+    """How far the probe sample's packed logits are from its logits alone, relative to the largest of those.
+    Runs `model` as it will train (wrapped, possibly sharded; all ranks together), without grad and in eval
+    mode (the mode it was in is restored)."""
+    vocab = _transformers_model(model).get_input_embeddings().num_embeddings
+    rng = np.random.default_rng(_PROBE_SEED)
+    a, b, c = (
+        Sample(rng.integers(0, vocab, n).astype(np.int32), np.ones(n, dtype=np.uint8), 0)
+        for n in (LEADING, LEADING, PROBE)
+    )
+    if flat:
+        packed, alone = collate_flat([a, c, b, c], pad_id=0), collate_flat([c], pad_id=0)
+    else:
+        packed, alone = collate_packed([[a, c], [b, c]], pad_id=0), collate_packed([[c]], pad_id=0)
+    was_training = model.training
+    model.eval()
+    try:
+        # A compiled model would compile for the probe's shapes (tens of seconds each); its eager forward
+        # runs the same modelling code and masks.
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            packed_logits = _logits(model, packed, device)
+            alone_logits = _logits(model, alone, device)[0]
+    finally:
+        model.train(was_training)
+    # C in the first row, and C in the second row or at the end of the flat row.
+    placed = torch.stack([packed_logits[0, LEADING : LEADING + PROBE], packed_logits[-1, -PROBE:]])
+    scale = alone_logits.abs().max().clamp(min=torch.finfo(torch.float32).tiny)
+    return float((placed - alone_logits).abs().max() / scale)
+
+
+def check_packed_isolation(model, flat: bool, dtype: torch.dtype, device: torch.device) -> float:
+    """The probe's difference (`measure_isolation`); a ConfigError naming the fix when it is more than rounding.
+    `flat`: the layout of flash-attention-2; `dtype`: the compute dtype."""
+    difference = measure_isolation(model, flat, device)
+    tolerance = rounding_tolerance(dtype)
+    if difference <= tolerance:  # NaN logits fail too
+        return difference
+    base = _transformers_model(model)
+    implementation = base.config._attn_implementation
+    remote = type(base).__module__.startswith("transformers_modules")  # where transformers puts remote code
+    fixes = ["padding_mode: padding"]
+    if remote:
+        fixes.append("trust_remote_code: false (transformers' own implementation of the family)")
+    fixes.append(f"another attn_implementation than {implementation}")
+    raise ConfigError(
+        [
+            Issue(
+                "padding_mode",
+                f"pack: packed samples see each other in {type(base).__name__}"
+                f"{' (remote code)' if remote else ''} with attn_implementation {implementation}: the logits of a "
+                f"{PROBE}-token sample packed after a {LEADING}-token one differ from its logits alone by "
+                f"{difference:.2%} of their size, where rounding in {str(dtype).removeprefix('torch.')} allows "
+                f"{tolerance:.2%}; its attention does not take the block-diagonal mask from the "
+                f"{'sequence lengths' if flat else 'position ids'}. Use {', or '.join(fixes)}",
+            )
+        ]
+    )
