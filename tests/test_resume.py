@@ -198,17 +198,28 @@ def test_two_process_sigterm_stops_every_rank_at_the_same_step(tmp_path, data):
     assert_same_run(out, reference)
 
 
+DEEPSPEED_CASES = {
+    "zero2-lora": ("deepspeed_zero2.yaml", {}),
+    # ZeRO-3 builds the model already partitioned: the checkpoint's weights must reach the shards, the
+    # adapter's as well as full copies of base modules (modules_to_save) and, in full fine-tuning, all.
+    "zero3-lora-modules-to-save": ("deepspeed_zero3.yaml", {"lora_modules_to_save": ["embed_tokens", "lm_head"]}),
+    "zero3-full": ("deepspeed_zero3.yaml", {"peft_type": None, "learning_rate": 1e-3}),
+}
+
+
 @pytest.mark.dist
-def test_deepspeed_zero2_killed_and_resumed_is_exact(tmp_path, data):
+@pytest.mark.parametrize("case", list(DEEPSPEED_CASES))
+def test_deepspeed_killed_and_resumed_is_exact(tmp_path, data, case):
     """Under DeepSpeed the sharded optimizer state goes through Accelerate's save_state/load_state."""
-    common = dict(per_device_train_batch_size=1, max_grad_norm=1.0)
-    reference = reference_run(tmp_path, data, processes=2, preset="deepspeed_zero2.yaml", **common)
+    preset, overrides = DEEPSPEED_CASES[case]
+    common = dict(per_device_train_batch_size=1, max_grad_norm=1.0, **overrides)
+    reference = reference_run(tmp_path, data, processes=2, preset=preset, **common)
     out = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", data, out, **common)
-    process = launch(config, processes=2, preset="deepspeed_zero2.yaml")
+    process = launch(config, processes=2, preset=preset)
     interrupt_at(process, out, random.randint(4, TOTAL - 3), signal.SIGKILL)
     process.wait(timeout=60)
-    code, output = finish(launch(config, "resume_from_checkpoint=auto", processes=2, preset="deepspeed_zero2.yaml"))
+    code, output = finish(launch(config, "resume_from_checkpoint=auto", processes=2, preset=preset))
     assert code == 0, output[-3000:]
     assert "distributed=DEEPSPEED" in output
     start = resumed_step(output)

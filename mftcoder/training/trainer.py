@@ -590,7 +590,10 @@ class Trainer:
         self.balancing = build_balancing(config, len(self.data.tasks), acc.device)
         model = self._build_model(self.tokenizer)
         self.moe = router_balance(model.config)  # None for a dense model
-        if resume_from is not None:  # before `prepare`: every rank loads the same files
+        # Before `prepare`, every rank loads the same files. A model that ZeRO-3 built partitioned cannot
+        # take them (its parameters are empty shards): DeepSpeed's own checkpoint in state/ restores the
+        # trained parameters in `load_state`, and the frozen ones are the base's.
+        if resume_from is not None and not is_deepspeed_zero3_enabled():
             _load_weights(model, resume_from, bool(config.peft_type))
         optimizer = build_optimizer(model, config)
         self.scheduler = build_scheduler(optimizer, config, schedule.total, schedule.warmup)
