@@ -282,3 +282,21 @@ def test_step_outcome_names_what_happened_to_the_update():
     for loss_finite, grads_finite in ((False, True), (True, False), (False, False)):
         with pytest.raises(TrainingError, match="step 4: an update with a non-finite loss or gradient norm was applied"):
             step_outcome(loss_finite, grads_finite, applied=True, loss_scaling=False, step=4)
+
+
+@pytest.mark.e2e
+def test_a_run_made_longer_on_resume_continues_its_learning_rate_schedule(tiny_config, capsys):
+    """Resumed at step 2 of a 4-step cosine run with max_train_steps: 6, steps 3-4 get the original run's
+    rates and steps 5-6 its final rate; the console says so (this is not a fresh 6-step run)."""
+    first = train(tiny_config(max_train_steps=4, checkpointing_steps=2, min_lr=1e-4, lr_scheduler_type="cosine"))
+    original = {m["step"]: m["lr"] for m in read_metrics(first.output_dir) if m["split"] == "train"}
+    reset_accelerate()
+    checkpoint = first.output_dir / "checkpoints" / "step-2"
+    longer = tiny_config(max_train_steps=6, min_lr=1e-4, lr_scheduler_type="cosine", resume_from_checkpoint=str(checkpoint))
+    result = train(longer)
+    out = capsys.readouterr().out
+    assert "resume: the run now has 6 steps, its learning-rate schedule keeps the original 4 (warm-up 0); steps 5-6 run at its final rate 0.0001" in out
+    lr = {m["step"]: m["lr"] for m in read_metrics(result.output_dir) if m["split"] == "train"}
+    assert [lr[s] for s in (1, 2, 3, 4)] == pytest.approx([original[s] for s in (1, 2, 3, 4)])
+    assert lr[3] > lr[4] > 1e-4
+    assert [lr[5], lr[6]] == pytest.approx([1e-4, 1e-4])

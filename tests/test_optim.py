@@ -95,3 +95,11 @@ def test_scheduler_steps_in_optimizer_steps_and_allows_zero_lr():
         optimizer.step()
         scheduler.step()
     assert seen == pytest.approx([0.5, 1.0, 1.0, 0.5])
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_past_its_end_the_schedule_stays_at_its_final_rate(kind):
+    """A resumed run made longer continues its original schedule: no rise back towards the peak."""
+    rates = [lr_at(s, peak=1.0, min_lr=0.1, warmup=2, total=10, kind=kind) for s in range(10, 20)]
+    assert rates == pytest.approx([0.1] * 10)

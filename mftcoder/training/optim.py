@@ -62,7 +62,8 @@ def lr_at(step: int, *, peak: float, min_lr: float, warmup: int, total: int, kin
         return peak * (step + 1) / warmup
     if kind == "constant":
         return peak
-    progress = (step - warmup) / max(1, total - warmup)
+    # Past `total` (a resumed run made longer) the rate stays at the schedule's end.
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
     return min_lr + (peak - min_lr) * max(0.0, shape)
 

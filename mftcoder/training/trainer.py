@@ -44,7 +44,7 @@ from mftcoder.training import outputs
 from mftcoder.training.evaluation import Evaluation, evaluate, forward_token_losses, model_outputs, to_device
 from mftcoder.training.launch import COMPUTE_DTYPE, build_accelerator, run_info
 from mftcoder.training.metrics import MetricsLog, TrainWindow, per_task
-from mftcoder.training.optim import build_optimizer, build_scheduler, warmup_steps
+from mftcoder.training.optim import build_optimizer, build_scheduler, lr_at, warmup_steps
 from mftcoder.training.signals import StopRequest
 from mftcoder.training.step_outcome import Outcome, step_outcome
 
@@ -73,11 +73,14 @@ class Progress:
 
 @dataclass(frozen=True)
 class Schedule:
-    """The run's length in optimizer steps; every epoch has `per_epoch` steps."""
+    """The run's length in optimizer steps; every epoch has `per_epoch` steps. The learning rate warms up
+    over `warmup` steps and decays over `lr_steps`: the run's length, or the original run's when a resumed
+    run was made longer or shorter."""
 
     total: int
     per_epoch: int
     warmup: int
+    lr_steps: int
 
     @property
     def epochs(self) -> int:
@@ -398,7 +401,12 @@ class Trainer:
         outputs.write_atomic(directory / "config.yaml", dump_config(self.config))
         outputs.write_json(
             directory / ckpt.TRAINER_STATE,
-            {"progress": asdict(self.progress), "world_size": self.accelerator.num_processes, "data": self.data_fingerprint},
+            {
+                "progress": asdict(self.progress),
+                "world_size": self.accelerator.num_processes,
+                "data": self.data_fingerprint,
+                "lr_steps": self.schedule.lr_steps,
+            },
         )
 
     def _agree(self, problem: str) -> str:
@@ -539,7 +547,7 @@ class Trainer:
         if self.main:
             outputs.write_json(self.logs / "data_report.json", self.data.report_dict())
             self.accelerator.print(report_table(self.data.report))
-        schedule = self._schedule()
+        schedule = self.schedule = self._schedule(saved)
         self._build_training(schedule, resume_from, saved)
         start = self.progress.step
         stopped_by = self._run(schedule)
@@ -573,16 +581,31 @@ class Trainer:
                 "is impossible; restore the data or start a new run"
             )
 
-    def _schedule(self) -> Schedule:
+    def _schedule(self, saved: dict | None) -> Schedule:
         config, acc = self.config, self.accelerator
         per_epoch = steps_per_epoch(
             self.data.epoch_size, config.per_device_train_batch_size, acc.num_processes, config.gradient_accumulation_steps
         )
         total = config.max_train_steps or per_epoch * config.num_train_epochs
-        warmup, warning = warmup_steps(config.num_warmup_steps, total)
+        # A resumed run continues the learning-rate schedule it started, even when it is now longer or shorter:
+        # rebuilt for the new length, the rate would jump at the resumed step.
+        lr_steps = saved.get("lr_steps", total) if saved else total
+        warmup, warning = warmup_steps(config.num_warmup_steps, lr_steps)
         for message in ([warning] if warning else []) + balancing_warnings(config, total):
             acc.print(f"warning: {message}")
-        return Schedule(total, per_epoch, warmup)
+        if lr_steps != total:
+            shape = dict(peak=config.learning_rate, min_lr=config.min_lr, warmup=warmup, total=lr_steps)
+            final_rate = lr_at(lr_steps, **shape, kind=config.lr_scheduler_type)
+            after = (
+                f"steps {lr_steps + 1}-{total} run at its final rate {final_rate:g}"
+                if total > lr_steps
+                else f"the run stops at step {total}, before the schedule ends"
+            )
+            acc.print(
+                f"resume: the run now has {total} steps, its learning-rate schedule keeps the original {lr_steps} "
+                f"(warm-up {warmup}); {after}. Not the run a fresh start with these settings would make"
+            )
+        return Schedule(total, per_epoch, warmup, lr_steps)
 
     def _build_training(self, schedule: Schedule, resume_from: Path | None, saved: dict | None) -> None:
         """Model, optimizer, scheduler, balancing, log window and metrics, at the step resumed from."""
@@ -596,7 +619,7 @@ class Trainer:
         if resume_from is not None and not is_deepspeed_zero3_enabled():
             _load_weights(model, resume_from, bool(config.peft_type))
         optimizer = build_optimizer(model, config)
-        self.scheduler = build_scheduler(optimizer, config, schedule.total, schedule.warmup)
+        self.scheduler = build_scheduler(optimizer, config, schedule.lr_steps, schedule.warmup)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         if acc.distributed_type in SHARDED_STATE:
             acc.register_for_checkpointing(self.scheduler)
