@@ -300,3 +300,41 @@ def test_a_run_made_longer_on_resume_continues_its_learning_rate_schedule(tiny_c
     assert [lr[s] for s in (1, 2, 3, 4)] == pytest.approx([original[s] for s in (1, 2, 3, 4)])
     assert lr[3] > lr[4] > 1e-4
     assert [lr[5], lr[6]] == pytest.approx([1e-4, 1e-4])
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({}, "task_mean"),  # case3
+        ({"weighted_loss_mode": "case4"}, "task_mean"),
+        ({"weighted_loss_mode": "focal"}, "task_mean"),
+        ({"weighted_loss_mode": "coba"}, "task_mean"),
+        ({"weighted_loss_mode": "case1"}, "loss"),
+        ({"weighted_loss_mode": "case2"}, "loss"),
+        ({"weighted_loss_mode": "focal", "focal_level": "sample"}, "loss"),
+        ({"weighted_loss_mode": "case1", "metric_for_best": "task_mean"}, "task_mean"),
+        ({"metric_for_best": "loss"}, "loss"),
+    ],
+)  # fmt: skip
+def test_best_follows_what_the_loss_mode_balances_by_default(tiny_config, settings, expected):
+    assert tiny_config(**settings).metric_for_best == expected
+
+
+@pytest.mark.unit
+def test_task_mean_counts_every_task_once():
+    from mftcoder.training.evaluation import Evaluation
+
+    # 90 tokens of a task at loss 1.0 and 10 of another at 3.0: token-weighted 1.2, task mean 2.0.
+    result = Evaluation(loss=1.2, task_loss={"big": 1.0, "small": 3.0})
+    assert result.metric("task_mean") == pytest.approx(2.0)
+    assert result.metric("loss") == 1.2 and result.metric("small") == 3.0
+
+
+@pytest.mark.e2e
+def test_best_follows_the_task_mean_by_default(tiny_config):
+    result = train(tiny_config(max_train_steps=4, evaluation_steps=1))
+    valid = [m for m in read_metrics(result.output_dir) if m["split"] == "valid"]
+    assert all(m["task_mean"] == pytest.approx(sum(m["task_loss"].values()) / 3) for m in valid)
+    assert result.progress.best_step == min(valid, key=lambda m: m["task_mean"])["step"]
+    assert result.progress.best_metric == pytest.approx(min(m["task_mean"] for m in valid))

@@ -40,9 +40,12 @@ def _data_issues(config: TrainConfig) -> list[Issue]:
             issues.append(
                 Issue("data_paths", f"{count} entries give the task name '{name}'; task names must be unique")
             )
-    if config.metric_for_best != "loss" and config.metric_for_best not in names:
+    if config.metric_for_best not in ("loss", "task_mean", *names):
         issues.append(
-            Issue("metric_for_best", f"'{config.metric_for_best}' is neither `loss` nor a task ({', '.join(names)})")
+            Issue(
+                "metric_for_best",
+                f"'{config.metric_for_best}' is neither `task_mean`, `loss` nor a task ({', '.join(names)})",
+            )
         )
     if config.template == "tokenizer" and config.role_markers != RoleMarkers():
         issues.append(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WrapValidator, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WrapValidator, field_validator
 
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -197,8 +197,11 @@ class TrainConfig(BaseModel):
     saving_limit: int | None = Field(None, gt=0, description="Most step checkpoints kept.")
     early_stopping: bool = True
     early_stopping_stall_num: int = Field(5, gt=0)
-    metric_for_best: str = Field(
-        "loss", description="`loss` (all tasks) or a task name: what early stopping and best/ follow."
+    metric_for_best: str | None = Field(
+        None,
+        description="What early stopping and best/ follow: `task_mean` (the mean of the per-task validation "
+        "losses), `loss` (over all validation tokens, so mostly the largest task) or a task name. Default: "
+        "task_mean where the loss mode balances tasks, loss where it balances tokens or samples.",
     )
     on_nan: Literal["skip", "stop"] = Field(
         "skip", description="A non-finite loss or gradient norm skips the update, or stops the run."
@@ -216,6 +219,17 @@ class TrainConfig(BaseModel):
     def _loss_mode_spellings(cls, value):
         # MFTCoder v0.3/v0.4 spelled it `selfpaced`.
         return "self_paced" if value in ("selfpaced", "self-paced") else value
+
+    @field_validator("metric_for_best")
+    @classmethod
+    def _metric_follows_the_objective(cls, value, info: ValidationInfo):
+        # The best model is judged by what the loss mode optimises: with tasks weighted equally, a token-weighted
+        # validation loss would mostly follow the largest task.
+        if value is not None:
+            return value
+        mode, level = info.data.get("weighted_loss_mode"), info.data.get("focal_level")
+        per_token_or_sample = mode in ("case1", "case2") or (mode == "focal" and level == "sample")
+        return "loss" if per_token_or_sample else "task_mean"
 
     @field_validator("max_grad_norm")
     @classmethod

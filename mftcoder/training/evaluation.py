@@ -16,6 +16,17 @@ class Evaluation:
     loss: float
     task_loss: dict[str, float]
 
+    @property
+    def task_mean(self) -> float:
+        """The per-task losses averaged with each task counted once, as the task-balanced modes weigh them."""
+        return sum(self.task_loss.values()) / len(self.task_loss)
+
+    def metric(self, name: str) -> float:
+        """The number `metric_for_best` names: `loss`, `task_mean` or a task's loss."""
+        if name == "loss":
+            return self.loss
+        return self.task_mean if name == "task_mean" else self.task_loss[name]
+
 
 def model_outputs(model, batch: dict[str, torch.Tensor], **options):
     """The model's output on one collated batch (already on the model's device).

@@ -355,11 +355,14 @@ class Trainer:
             self.model, self.accelerator, self.data.valid, self.data.tasks, config.per_device_eval_batch_size, self.pad_id
         )
         p.last_eval_step = p.step
-        self.metrics.write({"step": p.step, "split": "valid", "loss": result.loss, "task_loss": result.task_loss})
-        self.accelerator.print(
-            f"\nstep {p.step} valid loss {result.loss:.4f} " + " ".join(f"{t}={v:.4f}" for t, v in result.task_loss.items())
+        self.metrics.write(
+            {"step": p.step, "split": "valid", "loss": result.loss, "task_mean": result.task_mean, "task_loss": result.task_loss}
         )
-        metric = result.loss if config.metric_for_best == "loss" else result.task_loss[config.metric_for_best]
+        self.accelerator.print(
+            f"\nstep {p.step} valid loss {result.loss:.4f} task_mean {result.task_mean:.4f} "
+            + " ".join(f"{t}={v:.4f}" for t, v in result.task_loss.items())
+        )
+        metric = result.metric(config.metric_for_best)
         if metric < p.best_metric:
             p.best_metric, p.best_step, p.stalls = metric, p.step, 0
             # best/ is exported from a checkpoint, so the best step always gets one.
