@@ -88,7 +88,8 @@ def shape_mismatches(model: torch.nn.Module, adapter_shapes: dict[str, tuple[int
     adapted parameter of a module (`experts.base_layer.lora_A`, `experts.lora_A`), so a key does not say
     which parameter it adapts; PeftModel's loading then compares those shapes.
     """
-    params = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    # Every name of a shared weight: a tied head is `lm_head.weight` in an adapter that trains it in full.
+    params = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     modules = {name for name, _ in model.named_modules()}
     problems = []
     for key, shape in adapter_shapes.items():

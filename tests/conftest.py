@@ -135,3 +135,72 @@ def read_metrics(output_dir: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+# Accelerate 1.15 sets DistributedType.FSDP only for GPU-like process groups, so on CPU an FSDP launch
+# silently trains as DDP, and the product refuses it (tests/test_launch.py). To still run mftcoder's FSDP2
+# path on CPU, this entry point, confined to the tests, builds the Accelerator as launch.build_accelerator
+# and accelerate do on a GPU machine (the launcher checks, the plugin from the environment fsdp2.yaml
+# exports, FSDP2's mixed-precision policy from the run's precision), on gloo and the CPU, then sets the
+# distributed type by hand; accelerate's FSDP2 preparation, training steps and state dicts then run as
+# they would on GPUs. After `prepare` it prints the modules fully_shard wrapped and the parameters it left
+# whole (not sharded DTensors).
+FSDP_ON_CPU = """
+import sys
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from mftcoder.cli import main
+from mftcoder.training import launch, trainer
+
+
+def fsdp_on_cpu(config):
+    launcher = launch.Launcher.from_env()
+    launch.check_launcher(launcher, config, cuda=True)
+    mixed = launch.resolve_mixed_precision(config, launcher.mixed_precision, cuda=False)
+    plugin = FullyShardedDataParallelPlugin()
+    if mixed != "no":
+        # As accelerate does for FSDP on GPUs; it applies no autocast under FSDP2, so this policy is the
+        # only thing that makes the model compute in the run's precision.
+        plugin.set_mixed_precision(mixed)
+    accelerator = Accelerator(
+        mixed_precision=mixed, gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=True,
+        fsdp_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
+        step_scheduler_with_optimizer=False,
+    )
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    launch.check_accelerator(accelerator, launcher, mixed)
+    prepare = accelerator.prepare
+
+    def prepare_and_report(*objects):
+        prepared = prepare(*objects)
+        for model in prepared if isinstance(prepared, (tuple, list)) else (prepared,):
+            if isinstance(model, torch.nn.Module):
+                sharded = sorted({type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)})
+                accelerator.print(f"fully_shard: {sharded}")
+                whole = [name for name, p in model.named_parameters() if not isinstance(p, DTensor)]
+                accelerator.print(f"not sharded: {whole}")
+        return prepared
+
+    accelerator.prepare = prepare_and_report
+    return accelerator
+
+
+trainer.build_accelerator = fsdp_on_cpu
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="session")
+def fsdp_entry(tmp_path_factory) -> tuple[str, ...]:
+    """The arguments that run FSDP_ON_CPU in place of `-m mftcoder` after `accelerate launch`."""
+    path = tmp_path_factory.mktemp("fsdp_entry") / "fsdp_on_cpu.py"
+    path.write_text(FSDP_ON_CPU)
+    return (str(path),)

@@ -53,6 +53,24 @@ def test_fsdp_without_gpus_is_refused_saying_why_and_what_to_use(tiny_config):
 
 
 @pytest.mark.unit
+def test_fsdp_refuses_8bit_weights_and_8bit_optimizers_naming_the_fix(tiny_config):
+    """Under FSDP2 (run on CPU through FSDP_ON_CPU in tests/conftest.py) LLM.int8 QLoRA fails at the
+    first forward ('Parameter' object has no attribute 'CB') and an 8-bit optimizer at the first update
+    (no DTensor sharding strategy for bitsandbytes' update op); 4-bit QLoRA with AdamW trains there."""
+    eight_bit = tiny_config(peft_type="qlora", quantization_bits=8, optimizer="adamw_8bit")
+    with pytest.raises(LaunchError) as err:
+        check_launcher(Launcher(2, fsdp=True), eight_bit, cuda=True)
+    message = str(err.value)
+    assert message.startswith("not supported under FSDP: quantization_bits: 8")
+    assert "use 4-bit QLoRA (quantization_bits: 4, the default)" in message
+    assert "optimizer: adamw_8bit: bitsandbytes' 8-bit optimizers" in message and "set optimizer: adamw" in message
+    with pytest.raises(LaunchError, match="optimizer: paged_adamw_8bit"):
+        check_launcher(Launcher(2, fsdp=True), tiny_config(optimizer="paged_adamw_8bit"), cuda=True)
+    check_launcher(Launcher(2, fsdp=True), tiny_config(peft_type="qlora"), cuda=True)
+    check_launcher(Launcher(2), eight_bit, cuda=True)  # without FSDP they run
+
+
+@pytest.mark.unit
 def test_deepspeed_with_use_cpu_is_refused(tiny_config):
     with pytest.raises(LaunchError, match="turns DeepSpeed off"):
         check_launcher(Launcher(2, deepspeed=True, use_cpu=True), tiny_config(), cuda=False)

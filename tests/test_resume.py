@@ -26,6 +26,7 @@ pytestmark = pytest.mark.e2e
 
 TOTAL = 24
 TIMING = {"train_seconds", "tokens_per_s"}
+MFTCODER = ("-m", "mftcoder")
 
 
 def write_config(path: Path, data_paths: list[str], output_dir: Path, **overrides) -> Path:
@@ -42,15 +43,18 @@ def write_config(path: Path, data_paths: list[str], output_dir: Path, **override
     return path
 
 
-def launch(config: Path, *extra: str, processes: int = 1, preset: str | None = None) -> subprocess.Popen:
-    """`python -m mftcoder train`, or `accelerate launch` with `processes` processes (and a preset)."""
+def launch(
+    config: Path, *extra: str, processes: int = 1, preset: str | None = None, entry: tuple[str, ...] = MFTCODER
+) -> subprocess.Popen:
+    """`python -m mftcoder train`, or `accelerate launch` with `processes` processes (and a preset);
+    `entry` runs in place of `-m mftcoder`."""
     if processes == 1 and preset is None:
-        command = [sys.executable, "-m", "mftcoder", "train", str(config), *extra]
+        command = [sys.executable, *entry, "train", str(config), *extra]
     else:
         launcher = ["--config_file", str(REPO / "configs" / "accelerate" / preset)] if preset else ["--multi_gpu"]
         command = [
             sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(processes),
-            "--main_process_port", "0", "-m", "mftcoder", "train", str(config), *extra,
+            "--main_process_port", "0", *entry, "train", str(config), *extra,
         ]
     return subprocess.Popen(
         command, cwd=REPO, env={**launch_env(), "TOKENIZERS_PARALLELISM": "false"},
@@ -109,10 +113,12 @@ def data(tmp_path_factory):
     return write_subset(tmp_path_factory.mktemp("resume_data"), 30)
 
 
-def reference_run(tmp_path: Path, data: list[str], processes: int = 1, preset: str | None = None, **overrides) -> Path:
+def reference_run(
+    tmp_path: Path, data: list[str], processes: int = 1, preset: str | None = None, entry=MFTCODER, **overrides
+) -> Path:
     out = tmp_path / "reference"
     config = write_config(tmp_path / "reference.yaml", data, out, **overrides)
-    code, output = finish(launch(config, processes=processes, preset=preset))
+    code, output = finish(launch(config, processes=processes, preset=preset, entry=entry))
     assert code == 0, output[-3000:]
     return out
 
@@ -198,30 +204,36 @@ def test_two_process_sigterm_stops_every_rank_at_the_same_step(tmp_path, data):
     assert_same_run(out, reference)
 
 
-DEEPSPEED_CASES = {
+SHARDED_CASES = {
     "zero2-lora": ("deepspeed_zero2.yaml", {}),
     # ZeRO-3 builds the model already partitioned: the checkpoint's weights must reach the shards, the
     # adapter's as well as full copies of base modules (modules_to_save) and, in full fine-tuning, all.
     "zero3-lora-modules-to-save": ("deepspeed_zero3.yaml", {"lora_modules_to_save": ["embed_tokens", "lm_head"]}),
     "zero3-full": ("deepspeed_zero3.yaml", {"peft_type": None, "learning_rate": 1e-3}),
+    # FSDP2 in the preset's bf16 (its mixed-precision policy), on CPU through `fsdp_entry`.
+    "fsdp2-lora-modules-to-save": ("fsdp2.yaml", {"lora_modules_to_save": ["embed_tokens", "lm_head"]}),
+    "fsdp2-full": ("fsdp2.yaml", {"peft_type": None, "learning_rate": 1e-3}),
 }
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("case", list(DEEPSPEED_CASES))
-def test_deepspeed_killed_and_resumed_is_exact(tmp_path, data, case):
-    """Under DeepSpeed the sharded optimizer state goes through Accelerate's save_state/load_state."""
-    preset, overrides = DEEPSPEED_CASES[case]
+@pytest.mark.parametrize("case", list(SHARDED_CASES))
+def test_sharded_state_killed_and_resumed_is_exact(tmp_path, data, case, fsdp_entry):
+    """Under DeepSpeed and FSDP2 the sharded model and optimizer state go through Accelerate's
+    save_state/load_state."""
+    preset, overrides = SHARDED_CASES[case]
+    fsdp = preset == "fsdp2.yaml"
+    run = dict(processes=2, preset=preset, entry=fsdp_entry if fsdp else MFTCODER)
     common = dict(per_device_train_batch_size=1, max_grad_norm=1.0, **overrides)
-    reference = reference_run(tmp_path, data, processes=2, preset=preset, **common)
+    reference = reference_run(tmp_path, data, **run, **common)
     out = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", data, out, **common)
-    process = launch(config, processes=2, preset=preset)
+    process = launch(config, **run)
     interrupt_at(process, out, random.randint(4, TOTAL - 3), signal.SIGKILL)
     process.wait(timeout=60)
-    code, output = finish(launch(config, "resume_from_checkpoint=auto", processes=2, preset=preset))
+    code, output = finish(launch(config, "resume_from_checkpoint=auto", **run))
     assert code == 0, output[-3000:]
-    assert "distributed=DEEPSPEED" in output
+    assert f"distributed={'FSDP' if fsdp else 'DEEPSPEED'}" in output
     start = resumed_step(output)
     assert (out / "checkpoints" / f"step-{start}" / "state").is_dir()
     assert f"({TOTAL - start} steps in this process)" in output

@@ -185,14 +185,15 @@ def serial(config_file: Path, name: str, *overrides: str) -> Path:
     return out
 
 
+# A checkpoint mid-run, for the runs that compare theirs (the last step has one: its evaluation is the best).
 @pytest.fixture(scope="module")
 def serial_lora(config_file) -> Path:
-    return serial(config_file, "serial-lora")
+    return serial(config_file, "serial-lora", "checkpointing_steps=2")
 
 
 @pytest.fixture(scope="module")
 def serial_full(config_file) -> Path:
-    return serial(config_file, "serial-full", *FULL)
+    return serial(config_file, "serial-full", *FULL, "checkpointing_steps=2")
 
 
 # --- checks ------------------------------------------------------------------------------------
@@ -208,17 +209,22 @@ def assert_world(info: dict, console: str, distributed: str) -> None:
     assert f"mftcoder: world_size=2 distributed={distributed}" in console, console[-3000:]
 
 
-def assert_same_run(out: Path, reference: Path, weights: str) -> None:
-    """Same saved weights (to float noise) and the same logged loss and gradient norm per step."""
-    ours, theirs = load_file(out / "final" / weights), load_file(reference / "final" / weights)
+def assert_same_weights(ours_file: Path, theirs_file: Path) -> None:
+    """The same saved weights, to float noise."""
+    ours, theirs = load_file(ours_file), load_file(theirs_file)
     assert ours.keys() == theirs.keys()
     diffs = torch.cat([(ours[k].float() - theirs[k].float()).abs().flatten() for k in theirs])
     assert diffs.max().item() < 1e-4, f"max |diff| {diffs.max().item():.3e}"
     assert diffs.quantile(0.999).item() < 1e-6, f"99.9th percentile |diff| {diffs.quantile(0.999).item():.3e}"
+
+
+def assert_same_run(out: Path, reference: Path, weights: str, rel: float = 1e-5) -> None:
+    """Same saved weights (to float noise) and the same logged loss and gradient norm per step."""
+    assert_same_weights(out / "final" / weights, reference / "final" / weights)
     records, expected = train_records(out), train_records(reference)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for key in ("loss", "grad_norm"):
-        assert [r[key] for r in records] == pytest.approx([r[key] for r in expected], rel=1e-5, abs=1e-6), key
+        assert [r[key] for r in records] == pytest.approx([r[key] for r in expected], rel=rel, abs=1e-6), key
 
 
 def assert_adapter_trained(out: Path) -> None:
@@ -445,7 +451,12 @@ def demo_config(root) -> Path:
     return path
 
 
-PRESET_DISTRIBUTED = {"ddp.yaml": "MULTI_CPU", "deepspeed_zero2.yaml": "DEEPSPEED", "deepspeed_zero3.yaml": "DEEPSPEED"}
+PRESET_DISTRIBUTED = {
+    "ddp.yaml": "MULTI_CPU",
+    "deepspeed_zero2.yaml": "DEEPSPEED",
+    "deepspeed_zero3.yaml": "DEEPSPEED",
+    "fsdp2.yaml": "FSDP",
+}
 
 
 @pytest.mark.dist
@@ -454,12 +465,16 @@ PRESET_DISTRIBUTED = {"ddp.yaml": "MULTI_CPU", "deepspeed_zero2.yaml": "DEEPSPEE
     [*PRESET_DISTRIBUTED]
     + [pytest.param(p, marks=pytest.mark.slow) for p in ("deepspeed_zero2_offload.yaml", "deepspeed_zero3_offload.yaml")],
 )
-def test_every_preset_runs_the_demo_config_as_shipped(preset, demo_config):
+def test_every_preset_runs_the_demo_config_as_shipped(preset, demo_config, fsdp_entry):
     """The demo's own batch, bf16 from the preset and LoRA with embeddings and head trained in full
     (`lora_modules_to_save`): the adapter's fp32 matrices and the full copies of bf16 base modules
-    must reach the optimizer in one dtype (ZeRO-3 refuses a mix)."""
+    must reach the optimizer in one dtype (ZeRO-3 refuses a mix). FSDP2 (on CPU through `fsdp_entry`)
+    computes in bf16 through its mixed-precision policy alone."""
     shipped = ["per_device_train_batch_size=8", "gradient_accumulation_steps=1"]  # undo the launch's DIST
-    out, info, console = launch(demo_config, preset, f"demo-{preset}", *shipped, "max_train_steps=2", flags=())
+    entry = fsdp_entry if preset == "fsdp2.yaml" else ("-m", "mftcoder")
+    out, info, console = launch(
+        demo_config, preset, f"demo-{preset}", *shipped, "max_train_steps=2", flags=(), entry=entry
+    )  # fmt: skip
     assert info["world_size"] == 2 and info["global_batch_size"] == 16, info
     assert info["distributed_type"] == PRESET_DISTRIBUTED.get(preset, "DEEPSPEED")
     assert info["mixed_precision"] == "bf16"
@@ -496,94 +511,136 @@ def test_multinode_preset_on_two_machines_trains_as_one_run(preset, distributed,
 
 
 # --- FSDP2 -----------------------------------------------------------------------------------------
-# Accelerate 1.15 sets DistributedType.FSDP only for GPU-like process groups, so on CPU an FSDP
-# launch silently trains as DDP; the product refuses it (tests/test_launch.py). To still test our
-# FSDP path on CPU, this entry point, confined to the tests, builds the Accelerator the way
-# launch.build_accelerator does (plugin from the environment fsdp2.yaml exports, gloo, CPU) and
-# then sets the distributed type by hand, as cpu-stack.md found works for FSDP2. Tested this way:
-# the preset (auto-wrap from the model's own _no_split_modules), the trainer's prepare, loop,
-# no_sync and clipping under FSDP2, the full-state gather at save, and the reload. Not tested on
-# CPU: build_accelerator's own FSDP branch, which needs GPUs (test_fsdp2_on_gpus).
-FSDP_ON_CPU = """
-import sys
-
-import torch
-from accelerate import Accelerator
-from accelerate.state import PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
-from torch.distributed.fsdp import FSDPModule
-
-from mftcoder.cli import main
-from mftcoder.training import launch, trainer
+# Run through `fsdp_entry` (FSDP_ON_CPU in conftest.py), which makes accelerate run FSDP2 on CPU. Tested
+# this way: the preset (auto-wrap from the model's own _no_split_modules), the trainer's prepare, loop,
+# no_sync and clipping under FSDP2, in fp32 and in the preset's bf16 (the demo config above), the
+# full-state gather for final/, checkpoints and best/, LoRA with modules_to_save on a tied model, 4-bit
+# QLoRA with its weights sharded (dense, and MoE as in the shipped Mixtral recipe), and the reloads;
+# kill-and-resume is in tests/test_resume.py. Not tested on CPU: build_accelerator's own FSDP branch,
+# which needs GPUs (test_fsdp2_on_gpus).
 
 
-def fsdp_on_cpu(config):
-    launcher = launch.Launcher.from_env()
-    mixed = launch.resolve_mixed_precision(config, launcher.mixed_precision, cuda=False)
-    plugin = FullyShardedDataParallelPlugin()
-    accelerator = Accelerator(
-        mixed_precision=mixed, gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=True,
-        fsdp_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
-        step_scheduler_with_optimizer=False,
-    )
-    accelerator.state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = plugin
-    launch.check_accelerator(accelerator, launcher, mixed)
-    prepare = accelerator.prepare
-
-    def prepare_and_report(*objects):
-        prepared = prepare(*objects)
-        for model in prepared if isinstance(prepared, (tuple, list)) else (prepared,):
-            if isinstance(model, torch.nn.Module):
-                sharded = sorted({type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)})
-                accelerator.print(f"fully_shard: {sharded}")
-        return prepared
-
-    accelerator.prepare = prepare_and_report
-    return accelerator
-
-
-trainer.build_accelerator = fsdp_on_cpu
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-@pytest.fixture(scope="module")
-def fsdp_entry(root) -> tuple[str, ...]:
-    path = root / "fsdp_on_cpu.py"
-    path.write_text(FSDP_ON_CPU)
-    return (str(path),)
-
-
-def assert_sharded_per_decoder_layer(console: str) -> None:
+def assert_sharded_per_decoder_layer(console: str, layer: str = "LlamaDecoderLayer") -> None:
     line = next(line for line in console.splitlines() if line.startswith("fully_shard: "))
-    assert "FSDPLlamaDecoderLayer" in line, line  # from LlamaForCausalLM._no_split_modules, named nowhere
+    assert f"FSDP{layer}" in line, line  # from the model class's _no_split_modules, named nowhere
+
+
+def assert_saved_as_one_run(out: Path, reference: Path, weights: str, reload) -> None:
+    """final/, the checkpoint of step 2 and best/ hold what the 1-process run saved there (the weights
+    are gathered from the shards at each save) and `reload` loads each into the same model. best/ is
+    the export of the last step's checkpoint, whose evaluation is the best, without training state."""
+    for saved in ("final", "checkpoints/step-2", "best"):
+        assert_same_weights(out / saved / weights, reference / saved / weights)
+        assert (logits(reload(out / saved)) - logits(reload(reference / saved))).abs().max().item() < 1e-3, saved
+    assert json.loads((out / "best" / "trainer_state.json").read_text())["progress"]["step"] == STEPS
+    assert {"state", "scheduler.pt", "rank-0.pt", "rank-1.pt"}.isdisjoint(p.name for p in (out / "best").iterdir())
 
 
 @pytest.mark.dist
-def test_fsdp2_lora_trains_as_one_run_and_its_gathered_adapter_reloads(config_file, serial_lora, fsdp_entry, tiny_base):
-    out, info, console = launch(config_file, "fsdp2.yaml", "fsdp2-lora", entry=fsdp_entry)
+def test_fsdp2_lora_trains_as_one_run_and_its_gathered_adapters_reload(config_file, serial_lora, fsdp_entry, tiny_base):
+    out, info, console = launch(config_file, "fsdp2.yaml", "fsdp2-lora", "checkpointing_steps=2", entry=fsdp_entry)
     assert_world(info, console, "FSDP")
     assert info["fsdp"] == {"version": 2, "state_dict_type": "SHARDED_STATE_DICT"}
     assert_sharded_per_decoder_layer(console)
     assert_same_run(out, serial_lora, "adapter_model.safetensors")
     assert_adapter_trained(out)
-    sharded, one = reload_adapter(tiny_base, out / "final"), reload_adapter(tiny_base, serial_lora / "final")
-    assert (logits(sharded) - logits(one)).abs().max().item() < 1e-3
+    assert_saved_as_one_run(out, serial_lora, "adapter_model.safetensors", lambda path: reload_adapter(tiny_base, path))
 
 
 @pytest.mark.dist
-def test_fsdp2_full_fine_tuning_gathers_a_full_state_dict_that_reloads(config_file, serial_full, fsdp_entry):
+def test_fsdp2_full_fine_tuning_gathers_full_state_dicts_that_reload(config_file, serial_full, fsdp_entry):
     from transformers import AutoModelForCausalLM
 
-    out, info, console = launch(config_file, "fsdp2.yaml", "fsdp2-full", *FULL, entry=fsdp_entry)
+    out, info, console = launch(
+        config_file, "fsdp2.yaml", "fsdp2-full", *FULL, "checkpointing_steps=2", entry=fsdp_entry
+    )  # fmt: skip
     assert_world(info, console, "FSDP")
     assert_sharded_per_decoder_layer(console)
     assert_same_run(out, serial_full, "model.safetensors")
-    reloaded = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
-    reference = AutoModelForCausalLM.from_pretrained(serial_full / "final", dtype=torch.float32).eval()
-    assert (logits(reloaded) - logits(reference)).abs().max().item() < 1e-3
+    assert_saved_as_one_run(
+        out, serial_full, "model.safetensors",
+        lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tied_base(root) -> Path:
+    """tiny_base's architecture with the head tied to the input embeddings, as in Gemma 2."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(DEMO_MODEL)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "tied")
+    return root / "tied"
+
+
+@pytest.mark.dist
+def test_fsdp2_lora_with_modules_to_save_on_a_tied_model_trains_and_merges(config_file, fsdp_entry, tied_base):
+    """Embeddings and head trained in full (`lora_modules_to_save`) where the head is tied to the
+    embeddings: one trained copy serves both, in one process as under FSDP2 (separate copies would put
+    the frozen weight they share in two FSDP groups, which fully_shard refuses at the first forward),
+    and `mftcoder merge` folds it into a model that is still tied."""
+    from transformers import AutoModelForCausalLM
+
+    from mftcoder.merge import merge_adapter
+
+    tied = [f"pretrained_model_path={tied_base}", "lora_modules_to_save=[embed_tokens,lm_head]"]
+    out, info, console = launch(config_file, "fsdp2.yaml", "fsdp2-tied", *tied, entry=fsdp_entry)
+    assert_world(info, console, "FSDP")
+    reference = serial(config_file, "serial-tied", *tied)
+    # The gradient of a whole embedding matrix sums over every token: the other micro-batch shapes
+    # reorder those sums, which moves its norm by up to ~3e-5 (relative), as without tying.
+    assert_same_run(out, reference, "adapter_model.safetensors", rel=1e-4)
+    assert_adapter_trained(out)
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    embeddings, head = adapter["base_model.model.model.embed_tokens.weight"], adapter["base_model.model.lm_head.weight"]
+    assert torch.equal(embeddings, head)
+    base = load_file(tied_base / "model.safetensors")["model.embed_tokens.weight"]
+    assert (embeddings - base).abs().max().item() > 1e-3, "the embeddings were not trained"
+    sharded, one = reload_adapter(tied_base, out / "final"), reload_adapter(tied_base, reference / "final")
+    assert (logits(sharded) - logits(one)).abs().max().item() < 1e-3
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(out / "final", out / "merged"), dtype=torch.float32)
+    assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+    assert (logits(merged.eval()) - logits(sharded)).abs().max().item() < 1e-4
+
+
+@pytest.mark.dist
+def test_fsdp2_qlora_shards_the_4bit_weights_and_trains_as_one_run(config_file, fsdp_entry):
+    """4-bit QLoRA packs its weights in a float dtype (bnb_4bit_quant_storage), so FSDP2 shards them
+    like any weight: no parameter stays whole on every rank (with bitsandbytes' default uint8 packing
+    accelerate leaves every 4-bit weight out of the sharding)."""
+    out, info, console = launch(config_file, "fsdp2.yaml", "fsdp2-qlora", "peft_type=qlora", entry=fsdp_entry)
+    assert_world(info, console, "FSDP")
+    assert "not sharded: []" in console, console[-3000:]
+    reference = serial(config_file, "serial-qlora", "peft_type=qlora")
+    assert_same_run(out, reference, "adapter_model.safetensors")
+    assert_adapter_trained(out)
+
+
+@pytest.mark.dist
+def test_fsdp2_runs_the_shipped_mixtral_qlora_recipe_on_a_tiny_mixtral(config_file, fsdp_entry, root):
+    """What scripts/mixtral_8x7b_qlora.sh combines, the one shipped recipe on fsdp2.yaml: a MoE model,
+    4-bit QLoRA with LoRA on the fused experts, gradient checkpointing and the preset's bf16; here the
+    model is built from its config, so the QLoRA base is first saved, then loaded back quantised."""
+    from test_moe_training import tiny_mixtral
+
+    model = tiny_mixtral(root / "mixtral", coefficient=0.02)
+    recipe = ["peft_type=qlora", "gradient_checkpointing=true", "model_init=from_config"]
+    out, info, console = launch(
+        config_file, "fsdp2.yaml", "fsdp2-mixtral-qlora", f"pretrained_model_path={model}", *recipe,
+        flags=(), entry=fsdp_entry,
+    )  # fmt: skip
+    assert_world(info, console, "FSDP")
+    assert info["mixed_precision"] == "bf16"
+    assert_sharded_per_decoder_layer(console, "MixtralDecoderLayer")
+    assert "not sharded: []" in console, console[-3000:]
+    records = train_records(out)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["aux_loss"]) for r in records)
+    assert_adapter_trained(out)
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    assert any(".mlp.experts." in k and "lora_B" in k and t.abs().max() > 1e-3 for k, t in adapter.items())
 
 
 @pytest.mark.gpu

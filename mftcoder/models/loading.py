@@ -175,6 +175,15 @@ def wrap_lora(config: TrainConfig, model):
             name = _module_name(model, module).split(".")[-1]
             if name not in modules_to_save:
                 modules_to_save.append(name)
+    # A head tied to the input embeddings stays tied when either is trained in full: one trained copy serves
+    # both, as in full fine-tuning. Two copies would be two matrices that the tied model cannot hold, and the
+    # frozen weight they share would sit in two FSDP2 groups, which fully_shard refuses.
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    keep_tied = (
+        head is not None
+        and head.weight is embeddings.weight
+        and any(_module_name(model, m).split(".")[-1] in modules_to_save for m in (embeddings, head))
+    )
     if config.target_modules == "all-linear":
         targets = lora_targets(model, config.lora_rank, config.lora_alpha)
         wanted = _reachable_targets(model, modules_to_save)
@@ -186,6 +195,7 @@ def wrap_lora(config: TrainConfig, model):
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         modules_to_save=modules_to_save or None,
+        ensure_weight_tying=keep_tied,
         task_type="CAUSAL_LM",
         **targets,
     )

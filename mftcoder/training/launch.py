@@ -74,6 +74,22 @@ def check_launcher(launcher: Launcher, config: TrainConfig, cuda: bool) -> None:
             "(every process holding the whole model). Use configs/accelerate/ddp.yaml, or a DeepSpeed preset "
             "(configs/accelerate/deepspeed_zero2.yaml, deepspeed_zero3.yaml) to shard on CPU"
         )
+    if launcher.fsdp:
+        # Both would fail only at the first forward or update, once the model has loaded on every GPU.
+        problems = []
+        if config.peft_type == "qlora" and config.quantization_bits == 8:
+            problems.append(
+                "quantization_bits: 8 (LLM.int8): FSDP2 turns the int8 weights into plain sharded tensors, dropping "
+                "the layout bitsandbytes computes with; use 4-bit QLoRA (quantization_bits: 4, the default), whose "
+                "weights FSDP shards"
+            )
+        if config.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+            problems.append(
+                f"optimizer: {config.optimizer}: bitsandbytes' 8-bit optimizers cannot update FSDP2's sharded "
+                "(DTensor) parameters; set optimizer: adamw"
+            )
+        if problems:
+            raise LaunchError("not supported under FSDP: " + "; ".join(problems))
     if launcher.deepspeed and launcher.use_cpu:
         raise LaunchError(
             "use_cpu / --cpu turns DeepSpeed off in accelerate (the processes would train as plain DDP); "
