@@ -204,3 +204,18 @@ def fsdp_entry(tmp_path_factory) -> tuple[str, ...]:
     path = tmp_path_factory.mktemp("fsdp_entry") / "fsdp_on_cpu.py"
     path.write_text(FSDP_ON_CPU)
     return (str(path),)
+
+
+def poison_forward(monkeypatch, calls: set[int], factor: float) -> None:
+    """Multiply the token losses of the given forward calls (one micro-batch per step) by `factor`."""
+    import mftcoder.training.trainer as trainer_module
+
+    real = trainer_module.forward_token_losses
+    count = {"n": 0}
+
+    def poisoned(model, batch):
+        count["n"] += 1
+        ce = real(model, batch)
+        return ce * factor if count["n"] in calls else ce
+
+    monkeypatch.setattr(trainer_module, "forward_token_losses", poisoned)

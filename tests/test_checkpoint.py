@@ -14,7 +14,7 @@ from mftcoder.training import checkpoint as ckpt
 from mftcoder.training import outputs
 from mftcoder.training.trainer import train
 
-from conftest import read_metrics, reset_accelerate
+from conftest import poison_forward, read_metrics, reset_accelerate
 
 
 def make_checkpoint(directory: Path, complete: bool = True) -> Path:
@@ -201,21 +201,6 @@ def fp16_scaler_on_cpu(monkeypatch):
     monkeypatch.setattr(trainer_module, "build_accelerator", build)
 
 
-def poison_forward(monkeypatch, calls: set[int], factor: float) -> None:
-    """Multiply the token losses of the given forward calls (one micro-batch per step) by `factor`."""
-    import mftcoder.training.trainer as trainer_module
-
-    real = trainer_module.forward_token_losses
-    count = {"n": 0}
-
-    def poisoned(model, batch):
-        count["n"] += 1
-        ce = real(model, batch)
-        return ce * factor if count["n"] in calls else ce
-
-    monkeypatch.setattr(trainer_module, "forward_token_losses", poisoned)
-
-
 def adapter(checkpoint: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -238,7 +223,7 @@ def test_fp16_overflow_skips_the_update_lowers_the_loss_scale_and_resumes_exactl
     out = result.output_dir
     assert result.steps == 5
     console = capsys.readouterr().out
-    assert "step 3: fp16 gradients overflowed; update skipped and the loss scale lowered to 2048" in console
+    assert "step 3: fp16 gradients overflowed; update skipped, loss scale lowered from 4096 to 2048" in console
     assert json.loads((out / "run.json").read_text())["mixed_precision"] == "fp16"
     lines = [m for m in read_metrics(out) if m["split"] == "train"]
     assert [m["step"] for m in lines] == [1, 2, 4, 5]
@@ -271,27 +256,35 @@ def test_fp16_overflow_skips_the_update_lowers_the_loss_scale_and_resumes_exactl
 def test_step_outcome_names_what_happened_to_the_update():
     from mftcoder.training.step_outcome import Outcome, step_outcome
 
-    assert step_outcome(True, True, applied=True, loss_scaling=False, step=1) is Outcome.APPLIED
+    assert step_outcome(True, True, applied=True, loss_scale=None, step=1) is Outcome.APPLIED
     # Skipped with a finite loss: a loss-scale overflow under fp16, a non-finite gradient otherwise.
-    assert step_outcome(True, False, applied=False, loss_scaling=True, step=1) is Outcome.OVERFLOW
-    assert step_outcome(True, False, applied=False, loss_scaling=False, step=1) is Outcome.NON_FINITE
+    assert step_outcome(True, False, applied=False, loss_scale=1024.0, step=1) is Outcome.OVERFLOW
+    assert step_outcome(True, False, applied=False, loss_scale=None, step=1) is Outcome.NON_FINITE
+    # At a scale of 1 or less the gradients overflow unscaled: no longer the scale's business.
+    assert step_outcome(True, False, applied=False, loss_scale=1.0, step=1) is Outcome.NON_FINITE
     # A non-finite loss is never a mere overflow.
-    assert step_outcome(False, False, applied=False, loss_scaling=True, step=1) is Outcome.NON_FINITE
+    assert step_outcome(False, False, applied=False, loss_scale=1024.0, step=1) is Outcome.NON_FINITE
     # Skipped by DeepSpeed although mftcoder saw finite numbers (its check is its own): not applied, counted.
-    assert step_outcome(True, True, applied=False, loss_scaling=False, step=1) is Outcome.NON_FINITE
+    assert step_outcome(True, True, applied=False, loss_scale=None, step=1) is Outcome.NON_FINITE
     for loss_finite, grads_finite in ((False, True), (True, False), (False, False)):
         with pytest.raises(TrainingError, match="step 4: an update with a non-finite loss or gradient norm was applied"):
-            step_outcome(loss_finite, grads_finite, applied=True, loss_scaling=False, step=4)
+            step_outcome(loss_finite, grads_finite, applied=True, loss_scale=None, step=4)
 
 
 @pytest.mark.e2e
-def test_a_run_made_longer_on_resume_continues_its_learning_rate_schedule(tiny_config, capsys):
+@pytest.mark.parametrize("recorded", [True, False], ids=["lr_steps", "older-checkpoint"])
+def test_a_run_made_longer_on_resume_continues_its_learning_rate_schedule(tiny_config, capsys, recorded):
     """Resumed at step 2 of a 4-step cosine run with max_train_steps: 6, steps 3-4 get the original run's
-    rates and steps 5-6 its final rate; the console says so (this is not a fresh 6-step run)."""
+    rates and steps 5-6 its final rate; the console says so (this is not a fresh 6-step run). A checkpoint
+    written before the schedule's length was recorded gives it by its own config."""
     first = train(tiny_config(max_train_steps=4, checkpointing_steps=2, min_lr=1e-4, lr_scheduler_type="cosine"))
     original = {m["step"]: m["lr"] for m in read_metrics(first.output_dir) if m["split"] == "train"}
     reset_accelerate()
     checkpoint = first.output_dir / "checkpoints" / "step-2"
+    if not recorded:
+        state = json.loads((checkpoint / ckpt.TRAINER_STATE).read_text())
+        del state["lr_steps"]
+        (checkpoint / ckpt.TRAINER_STATE).write_text(json.dumps(state))
     longer = tiny_config(max_train_steps=6, min_lr=1e-4, lr_scheduler_type="cosine", resume_from_checkpoint=str(checkpoint))
     result = train(longer)
     out = capsys.readouterr().out
@@ -338,3 +331,28 @@ def test_best_follows_the_task_mean_by_default(tiny_config):
     assert all(m["task_mean"] == pytest.approx(sum(m["task_loss"].values()) / 3) for m in valid)
     assert result.progress.best_step == min(valid, key=lambda m: m["task_mean"])["step"]
     assert result.progress.best_metric == pytest.approx(min(m["task_mean"] for m in valid))
+
+
+@pytest.mark.e2e
+def test_fp16_overflow_on_every_step_reaches_on_nan_once_the_scale_is_spent(tiny_config, fp16_scaler_on_cpu, monkeypatch):
+    """Gradients that overflow whatever the scale: the scale halves from 4096 to 1 over steps 1-12; from
+    step 13 (scale 1) they overflow unscaled and count as non-finite, so the run stops instead of halving
+    its scale forever without an update."""
+    poison_forward(monkeypatch, set(range(1, 100)), 1e9)
+    with pytest.raises(TrainingError, match=r"step 14: non-finite loss or gradient norm .*\(2 in a row\)"):
+        train(tiny_config(max_train_steps=30, max_consecutive_nan=2))
+
+
+@pytest.mark.e2e
+def test_a_checkpoint_judged_by_another_metric_resumes_and_tracks_the_best_afresh(tiny_config, capsys):
+    """A case3 run saved with metric_for_best: loss (the default of earlier versions) resumes under the
+    task_mean default: the best so far was another number, so best/ and early stopping start over."""
+    first = train(tiny_config(max_train_steps=4, evaluation_steps=2, checkpointing_steps=2, metric_for_best="loss"))
+    assert first.progress.best_step is not None
+    reset_accelerate()
+    resumed = train(tiny_config(max_train_steps=6, evaluation_steps=2, resume_from_checkpoint="auto"))
+    out = capsys.readouterr().out
+    assert "resume: accepted change metric_for_best: 'loss' -> 'task_mean'" in out
+    assert "resume: metric_for_best is now task_mean; the best model is tracked afresh" in out
+    valid = [m for m in read_metrics(resumed.output_dir) if m["split"] == "valid" and m["step"] > 4]
+    assert resumed.progress.best_step == min(valid, key=lambda m: m["task_mean"])["step"]

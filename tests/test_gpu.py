@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from mftcoder.training.trainer import train
 
-from conftest import read_metrics
+from conftest import poison_forward, read_metrics
 
 pytestmark = [
     pytest.mark.gpu,
@@ -32,15 +32,19 @@ def run(tiny_config, dtype: str):
     return result, info, lines
 
 
-def test_fp16_on_cuda_trains_under_a_grad_scaler(tiny_config):
+def test_fp16_on_cuda_trains_under_a_grad_scaler_and_survives_an_overflow(tiny_config, monkeypatch, capsys):
+    """accelerate's own GradScaler: a huge loss at step 3 overflows the fp16 gradients; the update is
+    skipped, the scale lowered, and training goes on to the end."""
+    poison_forward(monkeypatch, {3}, 1e9)
     result, info, lines = run(tiny_config, "fp16")
     assert info["mixed_precision"] == "fp16" and info["device"].startswith("cuda")
-    assert result.steps == 6
+    assert result.steps == 6 and result.progress.overflow_steps >= 1 and result.progress.skipped_steps == 0
+    assert "step 3: fp16 gradients overflowed; update skipped, loss scale lowered" in capsys.readouterr().out
     assert all(math.isfinite(m["loss"]) for m in lines)
-    # Every applied step is logged with the scale it ran under; an overflow lowers it and is counted apart.
-    assert all(m["loss_scale"] > 0 for m in lines)
-    overflows = lines[-1].get("overflow_steps", 0)
-    assert len(lines) + overflows == 6 and "skipped_steps" not in lines[-1]
+    assert 3 not in [m["step"] for m in lines]
+    # Logged after each step: the overflow at step 3 lowered the scale that step 4 reports.
+    by_step = {m["step"]: m["loss_scale"] for m in lines}
+    assert by_step[4] < by_step[2]
     adapter = load_file(result.output_dir / "final" / "adapter_model.safetensors")
     assert {t.dtype for t in adapter.values()} == {torch.float32}
 

@@ -456,6 +456,8 @@ PRESET_DISTRIBUTED = {
     "deepspeed_zero2.yaml": "DEEPSPEED",
     "deepspeed_zero3.yaml": "DEEPSPEED",
     "fsdp2.yaml": "FSDP",
+    "multinode_ddp.yaml": "MULTI_CPU",
+    "multinode_deepspeed_zero2.yaml": "DEEPSPEED",
 }
 
 
@@ -469,11 +471,13 @@ def test_every_preset_runs_the_demo_config_as_shipped(preset, demo_config, fsdp_
     """The demo's own batch, bf16 from the preset and LoRA with embeddings and head trained in full
     (`lora_modules_to_save`): the adapter's fp32 matrices and the full copies of bf16 base modules
     must reach the optimizer in one dtype (ZeRO-3 refuses a mix). FSDP2 (on CPU through `fsdp_entry`)
-    computes in bf16 through its mixed-precision policy alone."""
+    computes in bf16 through its mixed-precision policy alone. The multi-node presets run as two machines
+    of one process each."""
     shipped = ["per_device_train_batch_size=8", "gradient_accumulation_steps=1"]  # undo the launch's DIST
     entry = fsdp_entry if preset == "fsdp2.yaml" else ("-m", "mftcoder")
+    machines = 2 if preset.startswith("multinode_") else 1
     out, info, console = launch(
-        demo_config, preset, f"demo-{preset}", *shipped, "max_train_steps=2", flags=(), entry=entry
+        demo_config, preset, f"demo-{preset}", *shipped, "max_train_steps=2", flags=(), entry=entry, machines=machines
     )  # fmt: skip
     assert info["world_size"] == 2 and info["global_batch_size"] == 16, info
     assert info["distributed_type"] == PRESET_DISTRIBUTED.get(preset, "DEEPSPEED")

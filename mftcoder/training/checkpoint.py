@@ -53,6 +53,7 @@ SAFE_TO_CHANGE = frozenset(
         "allow_inexact_resume",
         "on_nan",
         "max_consecutive_nan",
+        "metric_for_best",  # the trainer then tracks the best model afresh
         "output_dir",
         "cache_dir",
         "num_proc",
@@ -115,9 +116,14 @@ def compatibility(saved: dict, current: TrainConfig, saved_world: int, world: in
     return accepted, refused
 
 
+def saved_config(checkpoint: Path) -> dict:
+    """The config a checkpoint was written with, as saved (keys it predates are absent)."""
+    return yaml.safe_load((checkpoint / "config.yaml").read_text())
+
+
 def check_compatible(checkpoint: Path, config: TrainConfig, saved_world: int, world: int) -> list[str]:
     """The accepted changes; refuses (naming them) changes that would make the resumed run another run."""
-    saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    saved = saved_config(checkpoint)
     accepted, refused = compatibility(saved, config, saved_world, world)
     if refused:
         raise ConfigError(

@@ -21,9 +21,9 @@ class Outcome(Enum):
     NON_FINITE = "non_finite"  # the loss or gradients were non-finite: on_nan decides
 
 
-def step_outcome(loss_finite: bool, grads_finite: bool, applied: bool, loss_scaling: bool, step: int) -> Outcome:
+def step_outcome(loss_finite: bool, grads_finite: bool, applied: bool, loss_scale: float | None, step: int) -> Outcome:
     """The outcome of step `step` from the step's loss and gradient norm (all ranks), whether the update
-    reached the weights, and whether a dynamic loss scale was in use."""
+    reached the weights, and the dynamic loss scale the step ran under (None: none in use)."""
     if applied:
         if loss_finite and grads_finite:
             return Outcome.APPLIED
@@ -33,6 +33,8 @@ def step_outcome(loss_finite: bool, grads_finite: bool, applied: bool, loss_scal
             "applies such updates when its overflow check is off: remove bf16.check_grad_overflow: false and "
             "zero_optimization.compute_grad_norm: false from the DeepSpeed config)"
         )
-    if loss_scaling and loss_finite:
+    # Gradients that overflow at a scale of 1 or less overflow unscaled: the scale cannot fix them, and a
+    # run that keeps diverging must reach on_nan rather than halve its scale forever.
+    if loss_scale is not None and loss_scale > 1 and loss_finite:
         return Outcome.OVERFLOW
     return Outcome.NON_FINITE

@@ -253,8 +253,11 @@ class Trainer:
         loss_finite = math.isfinite(float(step_total[0]))
         finite = loss_finite and math.isfinite(grad_norm)
         self.progress.lr = self.optimizer.param_groups[0]["lr"]
+        scale = self._loss_scale()
         applied = self._update(loss_finite, finite)
-        outcome = step_outcome(loss_finite, math.isfinite(grad_norm), applied, self._loss_scale() is not None, self.progress.step + 1)
+        outcome = step_outcome(loss_finite, math.isfinite(grad_norm), applied, scale, self.progress.step + 1)
+        if outcome is Outcome.OVERFLOW:
+            self._overflow(scale)
         if outcome is Outcome.APPLIED:
             _, task_ce, task_targets, _, _ = self.window.split(step_total)
             self.balancing.observe(task_ce, task_targets)
@@ -270,11 +273,12 @@ class Trainer:
             # non-finite gradients: ask it what it did.
             return self.model.was_step_applied()
         if acc.scaler is not None:
-            if not loss_finite:
-                # The scaler still closes the step (unscale_ ran in clipping), or the next one would fail.
+            if not finite:
+                # The scaler still closes the step (unscale_ ran in clipping) and lowers its scale, or the next
+                # step would fail.
                 acc.scaler.update()
                 return False
-            self.optimizer.step()  # the scaler skips the update on overflowing gradients and lowers its scale
+            self.optimizer.step()
             return not self.optimizer.step_was_skipped
         if finite:
             self.optimizer.step()
@@ -289,12 +293,14 @@ class Trainer:
             return float(self.model.optimizer.loss_scale)
         return None
 
-    def _overflow(self) -> None:
+    def _overflow(self, scale: float) -> None:
         p = self.progress
         p.overflow_steps += 1
+        now = self._loss_scale()
+        change = f"lowered from {scale:g} to {now:g}" if now < scale else f"kept at {now:g}"
         self.accelerator.print(
-            f"\nstep {p.step}: fp16 gradients overflowed; update skipped and the loss scale lowered to "
-            f"{self._loss_scale():g} ({p.overflow_steps} overflows so far; not counted by on_nan)"
+            f"\nstep {p.step + 1}: fp16 gradients overflowed; update skipped, loss scale {change} "
+            f"({p.overflow_steps} overflows so far; not counted by on_nan)"
         )
 
     def _non_finite(self, group: list[list[int]]) -> None:
@@ -519,11 +525,19 @@ class Trainer:
             acc.load_state(str(checkpoint / "state"))
         else:
             self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
-            if acc.scaler is not None:
+            if acc.scaler is not None and (checkpoint / "scaler.pt").is_file():
                 acc.scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=False))
+            elif acc.scaler is not None:
+                acc.print(f"resume: {checkpoint} holds no fp16 loss scale (written without fp16); it starts afresh")
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
         self.balancing.load_state_dict(torch.load(checkpoint / "balancing.pt", weights_only=False))
         self.progress = Progress(**saved["progress"])
+        if saved["config"].get("metric_for_best") != self.config.metric_for_best:
+            # The best so far was measured by another number: comparing against it would mislead best/ and
+            # early stopping.
+            p = self.progress
+            p.best_metric, p.best_step, p.stalls = math.inf, None, 0
+            acc.print(f"resume: metric_for_best is now {self.config.metric_for_best}; the best model is tracked afresh")
         rank_file = checkpoint / f"rank-{acc.process_index}.pt"
         if saved["world_size"] == acc.num_processes and rank_file.is_file():
             rank_state = torch.load(rank_file, weights_only=False)
@@ -570,7 +584,7 @@ class Trainer:
         for change in ckpt.check_compatible(resume_from, self.config, saved["world_size"], acc.num_processes):
             acc.print(f"resume: accepted change {change}")
         info["resumed_from"] = str(resume_from)
-        return resume_from, saved
+        return resume_from, {**saved, "config": ckpt.saved_config(resume_from)}
 
     def _load_data(self, resume_from: Path | None, saved: dict | None) -> None:
         config = self.config
@@ -592,7 +606,10 @@ class Trainer:
         total = config.max_train_steps or per_epoch * config.num_train_epochs
         # A resumed run continues the learning-rate schedule it started, even when it is now longer or shorter:
         # rebuilt for the new length, the rate would jump at the resumed step.
-        lr_steps = saved.get("lr_steps", total) if saved else total
+        lr_steps = total
+        if saved:
+            before = saved["config"]  # a checkpoint that predates `lr_steps` ran the schedule of its own length
+            lr_steps = saved.get("lr_steps") or before.get("max_train_steps") or per_epoch * before["num_train_epochs"]
         warmup, warning = warmup_steps(config.num_warmup_steps, lr_steps)
         for message in ([warning] if warning else []) + balancing_warnings(config, total):
             acc.print(f"warning: {message}")
@@ -709,9 +726,7 @@ class Trainer:
         if outcome is Outcome.APPLIED:
             p.consecutive_nan = 0
             self.window.add_step(step_sums, grad_norm, weights)
-        elif outcome is Outcome.OVERFLOW:
-            self._overflow()
-        else:
+        elif outcome is Outcome.NON_FINITE:
             self._non_finite(micro_batches)
 
     def _after_step(self, epoch: float, epoch_end: bool, schedule: Schedule, bar) -> bool:
