@@ -5,7 +5,7 @@ A record is rendered as ONE string with the character spans that are targets, to
 from token ids (pad == EOS cannot hide EOS). The chat template saved with the tokenizer renders
 the same string, so `apply_chat_template` reproduces the training ids exactly. Two layouts:
 
-- `template: mftcoder` (`ChatFormat`, spec §3.2–3.3), with `role_markers`:
+- `template: mftcoder` (`ChatFormat`, MFTCoder's own prompt layout and loss mask), with `role_markers`:
 
       {system marker}{system}\\n {user marker}{user}\\n {assistant marker}{assistant}\\n{EOS}\\n ...
 

@@ -23,7 +23,7 @@ RCS favours tasks whose loss falls slower than the others'; ACS favours tasks st
 relative to their own recent slopes and starves those that turned upward; DF moves from RCS to
 ACS when the worst task's slope rises against its history.
 
-Against MFTCoder's implementation (spec §4.3): DF is clipped to 1; α_max is the largest per-task
+Against MFTCoder's implementation of CoBa: DF is clipped to 1; α_max is the largest per-task
 slope (not the slope of the per-step maximum ratio); ω is used as the paper defines it (no extra
 softmax, no minimum-weight floor); slopes use the steps as their time axis, with gaps where a task
 was missing from a sample; the ACS and DF windows are the last N updates whether or not warm-up

@@ -2,8 +2,8 @@
 
 The MFTCoder paper (arXiv 2311.02303, §3.5) balances task difficulty with focal-loss variants at
 sample level (its Eq. 2) and at task level (its Eq. 3); MFTCoder never released them. The stored
-copies of the paper we could search show its abstract but not those equations, so, as issue 4
-prescribes, both are built from focal loss (Lin et al. 2017), FL(p) = -(1 - p)^γ log p, applied to
+copies of the paper we could search show its abstract but not those equations, so both are built
+from focal loss (Lin et al. 2017), FL(p) = -(1 - p)^γ log p, applied to
 each target token and to each task:
 
     focal_level: sample    L = (1/S) Σ_s (1/n_s) Σ_{t in s} (1 - p_t)^γ CE_t         p_t = exp(-CE_t)

@@ -52,7 +52,7 @@ class Family:
 
 _DEEPSEEK_MLA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 _DEEPSEEK_NO_QLORA = (
-    "its dense and shared-expert MLPs are adapted through their weights (PEFT 0.21 issue #3711), which "
+    "its dense and shared-expert MLPs are adapted through their weights (PEFT 0.21, huggingface/peft#3711), which "
     "cannot wrap 4-bit layers; use peft_type: lora"
 )
 
