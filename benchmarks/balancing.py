@@ -60,12 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         with contextlib.redirect_stdout(sys.stderr):
             stats = throughput.measure(run)
-        results.append({"mode": mode, **{k: stats[k] for k in ("steps", "train_seconds", "wall_seconds", "tokens_per_s")}})
+        results.append(
+            {"mode": mode, **{k: stats[k] for k in ("steps", "train_seconds", "wall_seconds", "tokens_per_s")}}
+        )
     base = next((r for r in results if r["mode"] == "case3"), results[0])
     print(f"{'mode':<14}{'train s':>9}{'wall s':>9}{'tokens/s':>10}{'train vs ' + base['mode']:>16}")
     for r in results:
         ratio = r["train_seconds"] / base["train_seconds"]
-        print(f"{r['mode']:<14}{r['train_seconds']:>9.2f}{r['wall_seconds']:>9.2f}{r['tokens_per_s']:>10.0f}{ratio:>15.2f}x")
+        print(
+            f"{r['mode']:<14}{r['train_seconds']:>9.2f}{r['wall_seconds']:>9.2f}{r['tokens_per_s']:>10.0f}{ratio:>15.2f}x"
+        )
     print(json.dumps(results))
     return 0
 

@@ -92,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json_only:
         rows = [
             ("config", " ".join([stats["config"], *stats["overrides"]])),
-            ("device / threads", f"{stats['device']}, world {stats['world_size']}, {stats['torch_threads']} threads, "
-                                 f"mixed precision {stats['mixed_precision']}"),
+            (
+                "device / threads",
+                f"{stats['device']}, world {stats['world_size']}, {stats['torch_threads']} threads, "
+                f"mixed precision {stats['mixed_precision']}",
+            ),
             ("steps", f"{stats['steps']} (global batch {stats['global_batch_size']})"),
             ("train tokens / s", f"{stats['tokens_per_s']} ({stats['tokens']:,} non-padding tokens)"),
             ("target tokens / s", f"{stats['targets_per_s']} ({stats['targets']:,} supervised targets)"),

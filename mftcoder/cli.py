@@ -18,9 +18,7 @@ from mftcoder.errors import MFTCoderError
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="train config (YAML or JSON)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, values parsed as YAML")
-    parser.add_argument(
-        "--mftcoder-config", action="store_true", help="read CONFIG as an MFTCoder v0.5 train config"
-    )
+    parser.add_argument("--mftcoder-config", action="store_true", help="read CONFIG as an MFTCoder v0.5 train config")
 
 
 def _load(args):
@@ -91,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("preprocess", help="tokenize the data into the cache (before a multi-GPU launch); print its report")
+    p = sub.add_parser(
+        "preprocess", help="tokenize the data into the cache (before a multi-GPU launch); print its report"
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_preprocess)
 

@@ -177,9 +177,7 @@ def model_sizes(config, run: Run) -> ModelSizes:
         model = AutoModelForCausalLM.from_config(config)
         head = model.get_output_embeddings()
         params = sum(p.numel() for p in model.parameters())
-        linear = sum(
-            m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
-        )
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
         layers = model.get_decoder().layers
         largest_layer = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
         # gate_proj (dense), gate_up_proj (fused: phi3, MoE experts)

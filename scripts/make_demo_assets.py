@@ -128,8 +128,7 @@ def sentence(text: str) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-WORDS = ("apple", "banana", "kiwi", "level", "python", "code", "data", "radar", "hello", "world",
-         "tree", "stats", "a")
+WORDS = ("apple", "banana", "kiwi", "level", "python", "code", "data", "radar", "hello", "world", "tree", "stats", "a")
 TEXT_SAMPLES = WORDS + ("hello world", "  spam  ", "Mixed Case", "")
 INT_NAMES = ("x", "n", "value", "num", "a")
 LIST_NAMES = ("values", "nums", "items", "xs", "data", "numbers")
@@ -139,24 +138,15 @@ WORD_LIST_NAMES = ("words", "names", "tokens")
 
 
 def int_examples(rng: random.Random, arity: int) -> tuple[tuple, ...]:
-    return tuple(
-        tuple(rng.randint(-20, 20) for _ in range(arity))
-        for _ in range(EXAMPLES_PER_FUNCTION)
-    )
+    return tuple(tuple(rng.randint(-20, 20) for _ in range(arity)) for _ in range(EXAMPLES_PER_FUNCTION))
 
 
 def int_list_examples(rng: random.Random) -> tuple[tuple, ...]:
-    return tuple(
-        ([rng.randint(-9, 20) for _ in range(rng.randint(0, 5))],)
-        for _ in range(EXAMPLES_PER_FUNCTION)
-    )
+    return tuple(([rng.randint(-9, 20) for _ in range(rng.randint(0, 5))],) for _ in range(EXAMPLES_PER_FUNCTION))
 
 
 def word_list_examples(rng: random.Random) -> tuple[tuple, ...]:
-    return tuple(
-        (rng.sample(WORDS, rng.randint(0, 4)),)
-        for _ in range(EXAMPLES_PER_FUNCTION)
-    )
+    return tuple((rng.sample(WORDS, rng.randint(0, 4)),) for _ in range(EXAMPLES_PER_FUNCTION))
 
 
 def text_examples(rng: random.Random) -> tuple[tuple, ...]:
@@ -250,9 +240,7 @@ def extremum(rng: random.Random) -> FunctionSpec:
             f"        best = {v}",
             "return best",
         )
-    name, alt_name = rng.sample(
-        (adjective, f"find_{builtin}", f"{builtin}_or_default", f"get_{adjective}"), 2
-    )
+    name, alt_name = rng.sample((adjective, f"find_{builtin}", f"{builtin}_or_default", f"get_{adjective}"), 2)
     return FunctionSpec(
         name=name,
         alt_name=alt_name,
@@ -336,9 +324,7 @@ def clamping(rng: random.Random) -> FunctionSpec:
         params = (Param(x, "int"), Param("low", "int"), Param("high", "int"))
         body = (f"if {x} < low:", "    return low", f"if {x} > high:", "    return high", f"return {x}")
         description = f"return {x} limited to the range from low to high"
-        examples = tuple(
-            (rng.randint(-20, 20), low, high) for _ in range(EXAMPLES_PER_FUNCTION)
-        )
+        examples = tuple((rng.randint(-20, 20), low, high) for _ in range(EXAMPLES_PER_FUNCTION))
     name, alt_name = rng.sample(("clamp", "clip", "bound", "limit", "clamp_value"), 2)
     return FunctionSpec(
         name=name,
@@ -371,9 +357,7 @@ def fizzbuzz_like(rng: random.Random) -> FunctionSpec:
             f"    return {word_b!r}",
             f"return str({n})",
         ),
-        description=(
-            f"return {both!r}, {word_a!r} or {word_b!r} for multiples of {a * b}, {a} or {b}, else str({n})"
-        ),
+        description=(f"return {both!r}, {word_a!r} or {word_b!r} for multiples of {a * b}, {a} or {b}, else str({n})"),
         examples=tuple((rng.randint(1, 50),) for _ in range(EXAMPLES_PER_FUNCTION)),
     )
 
@@ -407,7 +391,15 @@ def predicate(rng: random.Random) -> FunctionSpec:
 
 
 TEMPLATES: tuple[Callable[[random.Random], FunctionSpec], ...] = (
-    arithmetic, string_op, list_op, extremum, filtering, counting, clamping, fizzbuzz_like, predicate,
+    arithmetic,
+    string_op,
+    list_op,
+    extremum,
+    filtering,
+    counting,
+    clamping,
+    fizzbuzz_like,
+    predicate,
 )
 
 
@@ -430,20 +422,27 @@ FollowUp = Callable[[random.Random, FunctionSpec, Style], tuple[str, Style]]
 
 
 def add_docstring(rng: random.Random, spec: FunctionSpec, style: Style) -> tuple[str, Style]:
-    request = rng.choice(("Now add a docstring.", "Add a one-line docstring, please.",
-                          "Can you document it with a docstring?"))
+    request = rng.choice(
+        ("Now add a docstring.", "Add a one-line docstring, please.", "Can you document it with a docstring?")
+    )
     return request, replace(style, docstring=True)
 
 
 def add_type_hints(rng: random.Random, spec: FunctionSpec, style: Style) -> tuple[str, Style]:
-    request = rng.choice(("Add type hints.", "Now add type annotations to the signature.",
-                          "Please annotate the parameters and the return type."))
+    request = rng.choice(
+        (
+            "Add type hints.",
+            "Now add type annotations to the signature.",
+            "Please annotate the parameters and the return type.",
+        )
+    )
     return request, replace(style, typed=True)
 
 
 def rename(rng: random.Random, spec: FunctionSpec, style: Style) -> tuple[str, Style]:
-    template = rng.choice(("Rename it to `{}`.", "Please call the function `{}` instead.",
-                           "Now rename the function to `{}`."))
+    template = rng.choice(
+        ("Rename it to `{}`.", "Please call the function `{}` instead.", "Now rename the function to `{}`.")
+    )
     return template.format(spec.alt_name), replace(style, name=spec.alt_name)
 
 
@@ -484,12 +483,14 @@ def text_to_code(rng: random.Random, spec: FunctionSpec, rounds: int) -> Exchang
     # The instruction already describes the function; a docstring only ever
     # comes from a follow-up, which therefore stays applicable.
     style = Style(spec.name, typed=rng.random() < 0.3)
-    template = rng.choice((
-        "Write a Python function `{signature}` to {description}.",
-        "Implement `{name}` in Python. It should {description}.",
-        "Create a function named `{name}` that takes {params}. It should {description}.",
-        "Python function `{signature}`: {sentence}",
-    ))
+    template = rng.choice(
+        (
+            "Write a Python function `{signature}` to {description}.",
+            "Implement `{name}` in Python. It should {description}.",
+            "Create a function named `{name}` that takes {params}. It should {description}.",
+            "Python function `{signature}`: {sentence}",
+        )
+    )
     request = template.format(
         signature=signature_text(spec),
         name=spec.name,
@@ -544,13 +545,24 @@ def run_tests(function: str, tests: str, spec: FunctionSpec, style: SuiteStyle) 
 def suite_follow_up(rng: random.Random, spec: FunctionSpec, style: SuiteStyle) -> tuple[str, SuiteStyle]:
     options = []
     if style.cases < len(spec.examples):
-        options.append((rng.choice(("Add one more test case.", "Please add another assert.",
-                                    "Can you cover one more input?")),
-                        replace(style, cases=style.cases + 1)))
+        options.append(
+            (
+                rng.choice(("Add one more test case.", "Please add another assert.", "Can you cover one more input?")),
+                replace(style, cases=style.cases + 1),
+            )
+        )
     if not style.as_function:
-        options.append((rng.choice(("Wrap them in a pytest test function.",
-                                    f"Put the asserts inside a test function named `test_{spec.name}`.")),
-                        replace(style, as_function=True)))
+        options.append(
+            (
+                rng.choice(
+                    (
+                        "Wrap them in a pytest test function.",
+                        f"Put the asserts inside a test function named `test_{spec.name}`.",
+                    )
+                ),
+                replace(style, as_function=True),
+            )
+        )
     return rng.choice(options)
 
 
@@ -597,10 +609,7 @@ def make_task_records(task: str, count: int) -> list[dict]:
     # proportions exact.
     multi_round = set(rng.sample(range(count), round(count * MULTI_ROUND_RATE)))
     with_system = set(rng.sample(range(count), round(count * SYSTEM_RATE)))
-    return [
-        make_record(rng, task, index, index in multi_round, index in with_system)
-        for index in range(count)
-    ]
+    return [make_record(rng, task, index, index in multi_round, index in with_system) for index in range(count)]
 
 
 def make_noisy_records(records: list[dict]) -> list[dict]:
@@ -672,11 +681,9 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerFast) -> None:
         return tokenizer.encode(text, add_special_tokens=False)
 
     require(tokenizer.pad_token is None, "the demo tokenizer must not have a pad token")
-    require(encode("<s>human\n") == [tokenizer.bos_token_id] + encode("human\n"),
-            "<s> in text must map to the bos id")
+    require(encode("<s>human\n") == [tokenizer.bos_token_id] + encode("human\n"), "<s> in text must map to the bos id")
     require(encode(EOS) == [tokenizer.eos_token_id], "</s> in text must map to the eos id")
-    require(tokenizer.encode("def f():") == encode("def f():"),
-            "encoding must not add special tokens")
+    require(tokenizer.encode("def f():") == encode("def f():"), "encoding must not add special tokens")
 
 
 def make_model_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
@@ -743,18 +750,22 @@ def token_lengths(records: list[dict], tokenizer: PreTrainedTokenizerFast) -> li
     return [len(tokenizer.encode(conversation_text(r), add_special_tokens=False)) for r in records]
 
 
-def print_summary(records_by_task: dict[str, list[dict]], lengths_by_task: dict[str, list[int]],
-                  tokenizer: PreTrainedTokenizerFast) -> None:
-    print(f"tokenizer: {len(tokenizer)} tokens, bos={tokenizer.bos_token_id} "
-          f"eos={tokenizer.eos_token_id} unk={tokenizer.unk_token_id} pad={tokenizer.pad_token_id}")
-    print(f"{'task':<22} {'records':>7} {'multi':>6} {'system':>6} {'mean tok':>8} "
-          f"{'max tok':>7} {'>200 tok':>8}")
+def print_summary(
+    records_by_task: dict[str, list[dict]], lengths_by_task: dict[str, list[int]], tokenizer: PreTrainedTokenizerFast
+) -> None:
+    print(
+        f"tokenizer: {len(tokenizer)} tokens, bos={tokenizer.bos_token_id} "
+        f"eos={tokenizer.eos_token_id} unk={tokenizer.unk_token_id} pad={tokenizer.pad_token_id}"
+    )
+    print(f"{'task':<22} {'records':>7} {'multi':>6} {'system':>6} {'mean tok':>8} {'max tok':>7} {'>200 tok':>8}")
     for task, records in records_by_task.items():
         lengths = lengths_by_task[task]
         multi = sum(len(r["chat_rounds"]) > 3 for r in records)
         system = sum(r["chat_rounds"][0]["role"] == "system" for r in records)
-        print(f"{task:<22} {len(records):>7} {multi:>6} {system:>6} {statistics.mean(lengths):>8.1f} "
-              f"{max(lengths):>7} {sum(n > 200 for n in lengths):>8}")
+        print(
+            f"{task:<22} {len(records):>7} {multi:>6} {system:>6} {statistics.mean(lengths):>8.1f} "
+            f"{max(lengths):>7} {sum(n > 200 for n in lengths):>8}"
+        )
     files = sorted(p for p in DEMO_DIR.rglob("*") if p.is_file())
     for path in files:
         print(f"{path.stat().st_size:>9,} B  {path.relative_to(DEMO_DIR)}")

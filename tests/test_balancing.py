@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from conftest import DEMO_MODEL
+from test_losses import ROWS, make_batch
 from transformers import LlamaConfig, MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
@@ -22,9 +24,6 @@ from mftcoder.losses.modes import batch_counts, token_coefficients
 from mftcoder.losses.moe import router_balance, router_balance_loss
 from mftcoder.losses.self_paced import SelfPaced, self_paced_weights
 from mftcoder.losses.weighting import balancing_warnings, build_balancing
-
-from conftest import DEMO_MODEL
-from test_losses import ROWS, make_batch
 
 pytestmark = pytest.mark.unit
 
@@ -72,7 +71,11 @@ def test_static_weights_are_the_case_modes(mode):
 def test_focal_sample_level_is_the_token_focal_loss_averaged_per_sample():
     """(1/S) Σ_s mean over the sample's targets of FL: samples [1, 2], [3, 4, 5], [6]."""
     value = step_objective(FocalBalancing("sample", 2.0, UNIFORM), [ROWS])
-    per_sample = [(focal(1, 2.0) + focal(2, 2.0)) / 2, (focal(3, 2.0) + focal(4, 2.0) + focal(5, 2.0)) / 3, focal(6, 2.0)]
+    per_sample = [
+        (focal(1, 2.0) + focal(2, 2.0)) / 2,
+        (focal(3, 2.0) + focal(4, 2.0) + focal(5, 2.0)) / 3,
+        focal(6, 2.0),
+    ]
     assert value == pytest.approx(sum(per_sample) / 3)
 
 
@@ -194,7 +197,7 @@ def test_self_paced_weights_follow_their_formula():
     """α = [-1, -0.25]: n = 2α/1.25 = [-1.6, -0.4], score = softmax(n)·(-n), w = softmax(50·score)."""
     n = [-1.6, -0.4]
     soft = [math.exp(v) / (math.exp(n[0]) + math.exp(n[1])) for v in n]
-    score = [s * -v for s, v in zip(soft, n)]
+    score = [s * -v for s, v in zip(soft, n, strict=True)]
     w0 = 1 / (1 + math.exp(50 * (score[1] - score[0])))
     assert self_paced_weights(torch.tensor([-1.0, -0.25], dtype=torch.float64), 50).tolist() == pytest.approx(
         [w0, 1 - w0]
@@ -278,7 +281,7 @@ def test_coba_on_a_hand_made_history():
     df = 3 * softmax([-5 * 3 * -0.1 / 0.275, -5 * 3 * -0.1 / 0.275, -5 * 3 * -0.075 / 0.275])[-1]
     assert df == pytest.approx(0.3402, abs=1e-4)  # the worst slope rose: DF leaves RCS for ACS
     assert float(coba.scores["df"]) == pytest.approx(df)
-    assert weights.tolist() == pytest.approx([df * r + (1 - df) * a for r, a in zip(rcs, acs)], rel=1e-6)
+    assert weights.tolist() == pytest.approx([df * r + (1 - df) * a for r, a in zip(rcs, acs, strict=True)], rel=1e-6)
     assert float(coba.exact_weights.sum()) == pytest.approx(1.0)
 
 

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import poison_forward, read_metrics, reset_accelerate
 
 from mftcoder.errors import ConfigError, LaunchError, TrainingError
 from mftcoder.training import checkpoint as ckpt
 from mftcoder.training import outputs
 from mftcoder.training.trainer import train
-
-from conftest import poison_forward, read_metrics, reset_accelerate
 
 
 def make_checkpoint(directory: Path, complete: bool = True) -> Path:
@@ -152,7 +151,10 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_config, monkeypatch, capsys
         return ce * float("nan") if calls["n"] in poisoned else ce
 
     monkeypatch.setattr(trainer_module, "forward_token_losses", sometimes_nan)
-    with pytest.raises(TrainingError, match=r"step 7: non-finite loss or gradient norm \(tasks in this rank's batch: .+\); stopping \(3 in a row\)"):
+    with pytest.raises(
+        TrainingError,
+        match=r"step 7: non-finite loss or gradient norm \(tasks in this rank's batch: .+\); stopping \(3 in a row\)",
+    ):
         train(tiny_config(max_train_steps=10, max_consecutive_nan=3))
     out = capsys.readouterr().out
     assert "step 3: non-finite loss or gradient norm" in out and "update skipped (1 so far)" in out
@@ -267,7 +269,9 @@ def test_step_outcome_names_what_happened_to_the_update():
     # Skipped by DeepSpeed although mftcoder saw finite numbers (its check is its own): not applied, counted.
     assert step_outcome(True, True, applied=False, loss_scale=None, step=1) is Outcome.NON_FINITE
     for loss_finite, grads_finite in ((False, True), (True, False), (False, False)):
-        with pytest.raises(TrainingError, match="step 4: an update with a non-finite loss or gradient norm was applied"):
+        with pytest.raises(
+            TrainingError, match="step 4: an update with a non-finite loss or gradient norm was applied"
+        ):
             step_outcome(loss_finite, grads_finite, applied=True, loss_scale=None, step=4)
 
 
@@ -285,10 +289,15 @@ def test_a_run_made_longer_on_resume_continues_its_learning_rate_schedule(tiny_c
         state = json.loads((checkpoint / ckpt.TRAINER_STATE).read_text())
         del state["lr_steps"]
         (checkpoint / ckpt.TRAINER_STATE).write_text(json.dumps(state))
-    longer = tiny_config(max_train_steps=6, min_lr=1e-4, lr_scheduler_type="cosine", resume_from_checkpoint=str(checkpoint))
+    longer = tiny_config(
+        max_train_steps=6, min_lr=1e-4, lr_scheduler_type="cosine", resume_from_checkpoint=str(checkpoint)
+    )
     result = train(longer)
     out = capsys.readouterr().out
-    assert "resume: the run now has 6 steps, its learning-rate schedule keeps the original 4 (warm-up 0); steps 5-6 run at its final rate 0.0001" in out
+    assert (
+        "resume: the run now has 6 steps, its learning-rate schedule keeps the original 4 (warm-up 0); steps 5-6 run at its final rate 0.0001"
+        in out
+    )
     lr = {m["step"]: m["lr"] for m in read_metrics(result.output_dir) if m["split"] == "train"}
     assert [lr[s] for s in (1, 2, 3, 4)] == pytest.approx([original[s] for s in (1, 2, 3, 4)])
     assert lr[3] > lr[4] > 1e-4
@@ -334,7 +343,9 @@ def test_best_follows_the_task_mean_by_default(tiny_config):
 
 
 @pytest.mark.e2e
-def test_fp16_overflow_on_every_step_reaches_on_nan_once_the_scale_is_spent(tiny_config, fp16_scaler_on_cpu, monkeypatch):
+def test_fp16_overflow_on_every_step_reaches_on_nan_once_the_scale_is_spent(
+    tiny_config, fp16_scaler_on_cpu, monkeypatch
+):
     """Gradients that overflow whatever the scale: the scale halves from 4096 to 1 over steps 1-12; from
     step 13 (scale 1) they overflow unscaled and count as non-finite, so the run stops instead of halving
     its scale forever without an update."""

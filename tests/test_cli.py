@@ -8,11 +8,10 @@ import sys
 
 import pytest
 import yaml
+from conftest import DEMO_MODEL, REPO
 
 from mftcoder.cli import main
 from mftcoder.config.schema import TrainConfig
-
-from conftest import DEMO_MODEL, REPO
 
 pytestmark = pytest.mark.unit
 
@@ -26,8 +25,13 @@ def write_config(path, **values):
 def config_path(tmp_path, small_data):
     return write_config(
         tmp_path / "run.yaml",
-        pretrained_model_path=str(DEMO_MODEL), model_init="from_config", data_paths=small_data,
-        output_dir=str(tmp_path / "out"), max_train_steps=1, evaluation_steps=None, early_stopping=False,
+        pretrained_model_path=str(DEMO_MODEL),
+        model_init="from_config",
+        data_paths=small_data,
+        output_dir=str(tmp_path / "out"),
+        max_train_steps=1,
+        evaluation_steps=None,
+        early_stopping=False,
     )
 
 
@@ -35,7 +39,11 @@ def test_python_dash_m_validate_prints_the_resolved_config(config_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "mftcoder", "validate", str(config_path), "learning_rate=1e-4"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     resolved = yaml.safe_load(done.stdout)

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, launch_env, read_metrics
+
 from mftcoder.config import load_config
 from mftcoder.training.trainer import train
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import read_metrics
 from safetensors import safe_open
 
-from conftest import read_metrics
 from mftcoder.training.trainer import Trainer, train
 
 

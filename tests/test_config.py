@@ -2,12 +2,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import DEMO_MODEL
 
 from mftcoder.config import dump_config, load_config
 from mftcoder.config.loading import apply_overrides, parse_value
 from mftcoder.errors import ConfigError
-
-from conftest import DEMO_MODEL
 
 pytestmark = pytest.mark.unit
 
@@ -65,7 +64,13 @@ def test_every_error_is_reported_at_once(config_file):
 def test_override_values_are_parsed_as_yaml(config_file):
     config = load_config(
         config_file(),
-        ["learning_rate=1e-4", "min_lr=5E-6", "data_split=[0.8,0.2]", r'role_markers.user="<|user|>\n"', "max_train_steps=7"],
+        [
+            "learning_rate=1e-4",
+            "min_lr=5E-6",
+            "data_split=[0.8,0.2]",
+            r'role_markers.user="<|user|>\n"',
+            "max_train_steps=7",
+        ],
     )
     assert isinstance(config.learning_rate, float) and config.learning_rate == 1e-4
     assert config.min_lr == 5e-6
@@ -79,7 +84,9 @@ def test_float_without_dot_in_file_is_a_float(config_file):
     assert config.learning_rate == pytest.approx(2e-4)
 
 
-@pytest.mark.parametrize(("text", "value"), [("1e-4", 1e-4), ("[a, b]", ["a", "b"]), ("null", None), ("true", True), ("x=y", "x=y")])
+@pytest.mark.parametrize(
+    ("text", "value"), [("1e-4", 1e-4), ("[a, b]", ["a", "b"]), ("null", None), ("true", True), ("x=y", "x=y")]
+)
 def test_parse_value(text, value):
     assert parse_value(text) == value
 
@@ -91,7 +98,12 @@ def test_malformed_override_is_reported():
 
 def test_json_config_is_read_with_lines(tmp_path, small_data):
     path = tmp_path / "run.json"
-    raw = {"pretrained_model_path": str(DEMO_MODEL), "data_paths": small_data, "output_dir": str(tmp_path), "seq_length": "long"}
+    raw = {
+        "pretrained_model_path": str(DEMO_MODEL),
+        "data_paths": small_data,
+        "output_dir": str(tmp_path),
+        "seq_length": "long",
+    }
     path.write_text(json.dumps(raw, indent=2))
     with pytest.raises(ConfigError) as excinfo:
         load_config(path)
@@ -100,8 +112,7 @@ def test_json_config_is_read_with_lines(tmp_path, small_data):
 
 def test_cross_field_and_file_system_checks(config_file, tmp_path):
     path = config_file(
-        "learning_rate: 0.001\nmin_lr: 0.01\ntask_weights: [1, 2]\n"
-        f"tokenizer_path: {tmp_path / 'missing_tokenizer'}\n"
+        f"learning_rate: 0.001\nmin_lr: 0.01\ntask_weights: [1, 2]\ntokenizer_path: {tmp_path / 'missing_tokenizer'}\n"
     )
     with pytest.raises(ConfigError) as excinfo:
         load_config(path, [f"data_paths=[{tmp_path / 'nope'}, {tmp_path / 'nope2'}]"])
@@ -195,7 +206,11 @@ def test_data_paths_entries_may_be_mappings(config_file, small_data, tmp_path):
     entries = f"[{small_data[0]}, {{path: {small_data[1]}, name: t2c, format: messages, weight: 2}}, {{path: {small_data[2]}}}]"
     config = load_config(config_file(), [f"data_paths={entries}"])
     assert config.data_paths[0] == small_data[0]  # a plain path stays a string
-    assert (config.data_paths[1].name, config.data_paths[1].format, config.data_paths[1].weight) == ("t2c", "messages", 2.0)
+    assert (config.data_paths[1].name, config.data_paths[1].format, config.data_paths[1].weight) == (
+        "t2c",
+        "messages",
+        2.0,
+    )
     assert Path(config.data_paths[2].path).is_absolute()
     saved = tmp_path / "resolved.yaml"
     saved.write_text(dump_config(config))
@@ -218,7 +233,10 @@ def test_bad_data_paths_entries_are_located(config_file, small_data, tmp_path):
     assert "each entry is a path, or a mapping {path, name, format, weight}" in found["data_paths.1"]
     assert "unknown key" in found["data_paths.2.nme"]
     with pytest.raises(ConfigError) as excinfo:
-        load_config(config_file(), [f"data_paths=[{{path: {small_data[2]}, name: same}}, {{path: {tmp_path / 'dd'}, name: same}}]"])
+        load_config(
+            config_file(),
+            [f"data_paths=[{{path: {small_data[2]}, name: same}}, {{path: {tmp_path / 'dd'}, name: same}}]"],
+        )
     found = problems(excinfo)
     assert "a saved DatasetDict (splits: train); point the entry at one split's directory" in found["data_paths.1"]
     assert "task name 'same'" in found["data_paths"]

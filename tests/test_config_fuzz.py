@@ -5,11 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
+from conftest import DEMO_MODEL
 
 from mftcoder.config import validate_mapping
 from mftcoder.errors import ConfigError
-
-from conftest import DEMO_MODEL
 
 pytestmark = pytest.mark.unit
 

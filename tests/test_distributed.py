@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import PartialState
+from conftest import DEMO_MODEL, DEMO_TASKS, EQUIVALENCE_ADAM_EPSILON, launch_env
 from safetensors.torch import load_file
 
-from conftest import DEMO_MODEL, DEMO_TASKS, EQUIVALENCE_ADAM_EPSILON, launch_env
 from mftcoder.cli import main
 from mftcoder.config import dump_config, validate_mapping
 

@@ -148,8 +148,13 @@ def model_dir(tmp_path, model_type: str):
 
 def validate(model, data, tmp_path, **overrides):
     return validate_mapping(
-        {"pretrained_model_path": str(model), "model_init": "from_config", "data_paths": data,
-         "output_dir": str(tmp_path / "out"), **overrides}  # fmt: skip
+        {
+            "pretrained_model_path": str(model),
+            "model_init": "from_config",
+            "data_paths": data,
+            "output_dir": str(tmp_path / "out"),
+            **overrides,
+        }  # fmt: skip
     )
 
 
@@ -234,7 +239,11 @@ def test_moe_adapter_merges_through_mftcoder_merge(model_type, tmp_path, demo_to
 
     ids = torch.randint(0, len(demo_tokenizer), (1, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), expert_rank_patterns():
-        expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()(input_ids=ids).logits
+        expected = (
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter)
+            .eval()(input_ids=ids)
+            .logits
+        )
         folded = AutoModelForCausalLM.from_pretrained(merged).eval()(input_ids=ids).logits
         plain = AutoModelForCausalLM.from_pretrained(base_dir).eval()(input_ids=ids).logits
     assert (folded - expected).abs().max().item() < 1e-4

@@ -9,11 +9,10 @@ import math
 
 import pytest
 import torch
+from conftest import poison_forward, read_metrics
 from safetensors.torch import load_file
 
 from mftcoder.training.trainer import train
-
-from conftest import poison_forward, read_metrics
 
 pytestmark = [
     pytest.mark.gpu,

@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, launch_env
+
 from mftcoder.config import dump_config
 from mftcoder.errors import LaunchError
 from mftcoder.training.launch import (
@@ -187,7 +187,9 @@ def test_deepspeed_settings_that_would_hide_non_finite_updates_are_refused(monke
     and reads the gradient norm DeepSpeed computes."""
     ds_json = tmp_path / "ds.json"
     _deepspeed_env(monkeypatch, DEEPSPEED_CONFIG_FILE=str(ds_json))
-    ds_json.write_text(json.dumps({"bf16": {"enabled": True, "check_grad_overflow": False}, "zero_optimization": {"stage": 2}}))
+    ds_json.write_text(
+        json.dumps({"bf16": {"enabled": True, "check_grad_overflow": False}, "zero_optimization": {"stage": 2}})
+    )
     with pytest.raises(LaunchError, match=r"on_nan: skip cannot hold with bf16.check_grad_overflow: false"):
         deepspeed_plugin(tiny_config(on_nan="skip"), world_size=2)
     assert deepspeed_plugin(tiny_config(on_nan="stop"), world_size=2).zero_stage == 2

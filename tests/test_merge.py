@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEMO_MODEL, reset_accelerate
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import (
@@ -28,7 +29,6 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from conftest import DEMO_MODEL, reset_accelerate
 from mftcoder.cli import main
 from mftcoder.errors import MergeError
 from mftcoder.merge import merge_adapter
@@ -200,7 +200,9 @@ def _demo_shaped(**changes) -> dict:
 
 def test_refuses_base_with_other_shapes(trained, tmp_path, capsys):
     base = tmp_path / "narrow_llama"
-    LlamaForCausalLM(LlamaConfig(**_demo_shaped(hidden_size=64, intermediate_size=96, head_dim=16))).save_pretrained(base)
+    LlamaForCausalLM(LlamaConfig(**_demo_shaped(hidden_size=64, intermediate_size=96, head_dim=16))).save_pretrained(
+        base
+    )
     out = tmp_path / "merged"
     message = _refused(capsys, trained / "final", out, base=base, match="does not fit")
     # Names a weight and both shapes, e.g. "model.layers.0.mlp.down_proj.weight: base [64, 96] vs adapter ..."

@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import DEMO_MODEL, read_metrics
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from conftest import DEMO_MODEL, read_metrics
 from mftcoder.training.trainer import Trainer, train
 
 pytestmark = pytest.mark.e2e
@@ -80,7 +80,10 @@ def test_logged_aux_loss_is_transformers_own_over_the_real_tokens(tiny_config, t
     assert not batch["attention_mask"].all(), "the batch has no padding to exclude"
     with torch.no_grad():
         out = base(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True, use_cache=False
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_router_logits=True,
+            use_cache=False,
         )
         unmasked = load_balancing_loss_func(out.router_logits, 4, 2)
     assert_closer_to(logged, float(out.aux_loss), than=float(unmasked))

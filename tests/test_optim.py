@@ -26,7 +26,10 @@ def test_linear_decay():
     assert lr_at(5, peak=2.0, min_lr=0.0, warmup=0, total=10, kind="linear") == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize(("setting", "total", "steps", "warned"), [(0.1, 50, 5, False), (30, 50, 30, False), (80, 50, 50, True), (0, 50, 0, False)])
+@pytest.mark.parametrize(
+    ("setting", "total", "steps", "warned"),
+    [(0.1, 50, 5, False), (30, 50, 30, False), (80, 50, 50, True), (0, 50, 0, False)],
+)
 def test_warmup_steps(setting, total, steps, warned):
     got, warning = warmup_steps(setting, total)
     assert got == steps and bool(warning) == warned

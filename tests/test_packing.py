@@ -377,7 +377,9 @@ def test_a_leak_below_half_precision_rounding_shows_between_the_rows(dtype):
     fp16 rounding must allow; C after two different samples in one batch, computed alike, still shows it."""
     options, attn, _ = LEAKY["bloom"]
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("bloom", vocab_size=128, **options), attn_implementation=attn)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("bloom", vocab_size=128, **options), attn_implementation=attn
+    )
     isolation = measure_isolation(model, False, torch.device("cpu"))
     assert isolation.alone < rounding_tolerance(dtype) and isolation.rows > 2 * ROWS_TOLERANCE
     with pytest.raises(ConfigError, match=r"between two rows where it follows different samples"):

@@ -11,11 +11,11 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import read_metrics
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from conftest import read_metrics
 from mftcoder.cli import main
 from mftcoder.errors import MergeError
 from mftcoder.merge import BASE_INFO, merge_adapter
@@ -207,7 +207,9 @@ def test_8bit_qlora_merges_into_its_dequantized_base(small_data, tmp_path, tiny_
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
     # In train mode bitsandbytes multiplies by the dequantised int8 weight (eval mode would quantise the
     # activations too, LLM.int8's inference kernel).
-    assert _max_diff(_logits(_fp32(merged), sequences), _logits(model, sequences, train_mode=True)) < DEQUANTIZED_TOLERANCE
+    assert (
+        _max_diff(_logits(_fp32(merged), sequences), _logits(model, sequences, train_mode=True)) < DEQUANTIZED_TOLERANCE
+    )
 
 
 @pytest.mark.e2e
@@ -228,7 +230,7 @@ def test_dequantized_merge_through_the_cli_and_its_refusal_for_a_lora_adapter(ql
 
 @pytest.mark.e2e
 def test_qlora_on_a_moe_model_quantises_the_linears_and_adapts_the_experts(tmp_path):
-    from test_families import TINY, lora_config, lm_loss
+    from test_families import TINY, lm_loss, lora_config
 
     config = AutoConfig.for_model("mixtral", **TINY["mixtral"])
     torch.manual_seed(0)

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import DEMO_MODEL, REPO, launch_env, read_metrics
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.e2e
 
@@ -31,12 +30,26 @@ MFTCODER = ("-m", "mftcoder")
 
 def write_config(path: Path, data_paths: list[str], output_dir: Path, **overrides) -> Path:
     config = {
-        "pretrained_model_path": str(DEMO_MODEL), "model_init": "from_config", "data_paths": data_paths,
-        "data_split": [0.9, 0.1], "seq_length": 512, "output_dir": str(output_dir),
-        "peft_type": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.1,  # dropout: RNG must resume too
-        "per_device_train_batch_size": 2, "per_device_eval_batch_size": 8, "learning_rate": 5e-3,
-        "num_warmup_steps": 3, "max_train_steps": TOTAL, "log_interval": 1, "evaluation_steps": 5,
-        "checkpointing_steps": 3, "early_stopping": False, "seed": 11,
+        "pretrained_model_path": str(DEMO_MODEL),
+        "model_init": "from_config",
+        "data_paths": data_paths,
+        "data_split": [0.9, 0.1],
+        "seq_length": 512,
+        "output_dir": str(output_dir),
+        "peft_type": "lora",
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.1,  # dropout: RNG must resume too
+        "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 5e-3,
+        "num_warmup_steps": 3,
+        "max_train_steps": TOTAL,
+        "log_interval": 1,
+        "evaluation_steps": 5,
+        "checkpointing_steps": 3,
+        "early_stopping": False,
+        "seed": 11,
     }
     config.update(overrides)
     path.write_text(yaml.safe_dump(config))
@@ -53,12 +66,27 @@ def launch(
     else:
         launcher = ["--config_file", str(REPO / "configs" / "accelerate" / preset)] if preset else ["--multi_gpu"]
         command = [
-            sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(processes),
-            "--main_process_port", "0", *entry, "train", str(config), *extra,
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            *launcher,
+            "--num_processes",
+            str(processes),
+            "--main_process_port",
+            "0",
+            *entry,
+            "train",
+            str(config),
+            *extra,
         ]
     return subprocess.Popen(
-        command, cwd=REPO, env={**launch_env(), "TOKENIZERS_PARALLELISM": "false"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        command,
+        cwd=REPO,
+        env={**launch_env(), "TOKENIZERS_PARALLELISM": "false"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 

@@ -43,9 +43,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import DEMO_MODEL, EQUIVALENCE_ADAM_EPSILON, REPO, launch_env
 from safetensors.torch import load_file
 
-from conftest import DEMO_MODEL, EQUIVALENCE_ADAM_EPSILON, REPO, launch_env
 from mftcoder.cli import main
 from mftcoder.config import dump_config, validate_mapping
 
@@ -465,7 +465,10 @@ PRESET_DISTRIBUTED = {
 @pytest.mark.parametrize(
     "preset",
     [*PRESET_DISTRIBUTED]
-    + [pytest.param(p, marks=pytest.mark.slow) for p in ("deepspeed_zero2_offload.yaml", "deepspeed_zero3_offload.yaml")],
+    + [
+        pytest.param(p, marks=pytest.mark.slow)
+        for p in ("deepspeed_zero2_offload.yaml", "deepspeed_zero3_offload.yaml")
+    ],
 )
 def test_every_preset_runs_the_demo_config_as_shipped(preset, demo_config, fsdp_entry):
     """The demo's own batch, bf16 from the preset and LoRA with embeddings and head trained in full
@@ -485,7 +488,10 @@ def test_every_preset_runs_the_demo_config_as_shipped(preset, demo_config, fsdp_
     records = train_records(out)
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
-    adapter, base = load_file(out / "final" / "adapter_model.safetensors"), load_file(out / "base_model" / "model.safetensors")
+    adapter, base = (
+        load_file(out / "final" / "adapter_model.safetensors"),
+        load_file(out / "base_model" / "model.safetensors"),
+    )
     for module in ("model.embed_tokens", "lm_head"):
         trained = adapter[f"base_model.model.{module}.weight"].float()
         assert trained.shape == base[f"{module}.weight"].shape

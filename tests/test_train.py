@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import EQUIVALENCE_ADAM_EPSILON, read_metrics, reset_accelerate
 from peft import PeftModel
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -11,16 +12,24 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mftcoder.config import load_config
 from mftcoder.data.records import read_records
-from mftcoder.data.template import tokenize_conversations
+from mftcoder.data.template import chat_format, tokenize_conversations
 from mftcoder.errors import ConfigError
-from mftcoder.data.template import chat_format
 from mftcoder.training.trainer import train
-
-from conftest import EQUIVALENCE_ADAM_EPSILON, read_metrics, reset_accelerate
 
 pytestmark = pytest.mark.e2e
 
-TRAIN_KEYS = {"step", "epoch", "split", "loss", "lr", "grad_norm", "task_loss", "tokens", "train_seconds", "tokens_per_s"}
+TRAIN_KEYS = {
+    "step",
+    "epoch",
+    "split",
+    "loss",
+    "lr",
+    "grad_norm",
+    "task_loss",
+    "tokens",
+    "train_seconds",
+    "tokens_per_s",
+}
 TASKS = {"code_completion", "text_to_code", "unit_test_generation"}
 
 
@@ -31,7 +40,10 @@ def first_and_last_task_losses(output_dir):
 
 def test_lora_run_learns_every_task_and_writes_a_self_describing_output_dir(tiny_config):
     config = tiny_config(
-        num_train_epochs=2, log_interval=9, evaluation_steps=20, checkpointing_steps=20,
+        num_train_epochs=2,
+        log_interval=9,
+        evaluation_steps=20,
+        checkpointing_steps=20,
         lora_modules_to_save=["embed_tokens", "lm_head"],
     )
     result = train(config)
@@ -66,7 +78,9 @@ def test_lora_run_learns_every_task_and_writes_a_self_describing_output_dir(tiny
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-54"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-20", "step-40", "step-54"]
     assert result.progress.best_step == 54
-    assert (out / "best" / "adapter_model.safetensors").read_bytes() == (out / "final" / "adapter_model.safetensors").read_bytes()
+    assert (out / "best" / "adapter_model.safetensors").read_bytes() == (
+        out / "final" / "adapter_model.safetensors"
+    ).read_bytes()
     assert not list((out / "best").glob("*.pt"))
 
     # final/ is a PEFT adapter on the saved initial weights, loadable by plain HF/PEFT calls
@@ -81,7 +95,7 @@ def test_lora_run_learns_every_task_and_writes_a_self_describing_output_dir(tiny
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
     records = read_records(config.data_paths[0])[:3]
     trained = tokenize_conversations(tokenizer, chat_format(config, tokenizer), [r.messages for r in records])
-    for record, (ids, _) in zip(records, trained):
+    for record, (ids, _) in zip(records, trained, strict=True):
         assert list(tokenizer.apply_chat_template(record.messages, tokenize=True, return_dict=False)) == ids.tolist()
     with torch.no_grad():
         logits = model(torch.tensor([trained[0][0][:20].tolist()])).logits
@@ -119,12 +133,23 @@ def test_accumulation_equals_a_larger_batch(tiny_config, tmp_path, mode):
     """GA=4 x bs=1 and GA=1 x bs=4 make the same optimizer steps, in every loss mode (a large Adam
     eps: a rare token's head row has a gradient of ~1e-9, see EQUIVALENCE_ADAM_EPSILON)."""
     common = dict(
-        max_train_steps=2, learning_rate=1e-2, adam_epsilon=EQUIVALENCE_ADAM_EPSILON, lora_modules_to_save=["lm_head"],
+        max_train_steps=2,
+        learning_rate=1e-2,
+        adam_epsilon=EQUIVALENCE_ADAM_EPSILON,
+        lora_modules_to_save=["lm_head"],
         **ADAPTIVE.get(mode, {"weighted_loss_mode": mode}),
     )
-    accumulated = train(tiny_config(per_device_train_batch_size=1, gradient_accumulation_steps=4, output_dir=str(tmp_path / "ga"), **common))
+    accumulated = train(
+        tiny_config(
+            per_device_train_batch_size=1, gradient_accumulation_steps=4, output_dir=str(tmp_path / "ga"), **common
+        )
+    )
     reset_accelerate()
-    batched = train(tiny_config(per_device_train_batch_size=4, gradient_accumulation_steps=1, output_dir=str(tmp_path / "bs"), **common))
+    batched = train(
+        tiny_config(
+            per_device_train_batch_size=4, gradient_accumulation_steps=1, output_dir=str(tmp_path / "bs"), **common
+        )
+    )
     a, b = final_weights(accumulated.final_dir), final_weights(batched.final_dir)
     assert a.keys() == b.keys()
     for key in a:
@@ -158,10 +183,13 @@ def test_logged_task_weights_are_those_the_step_applied(tiny_config, mode):
     lines = [m for m in read_metrics(result.output_dir) if m["split"] == "train"]
     assert [m["step"] for m in lines] == list(range(1, 7))
     weights = [m["task_weight"] for m in lines]
-    for line, w in zip(lines, weights):
+    for line, w in zip(lines, weights, strict=True):
         assert line["loss"] == pytest.approx(objective_with(line, w, mode), rel=1e-5), line["step"]
     # Discriminating: the next step's weights give another objective at most steps.
-    misfits = sum(line["loss"] != pytest.approx(objective_with(line, w, mode), rel=1e-5) for line, w in zip(lines, weights[1:]))
+    misfits = sum(
+        line["loss"] != pytest.approx(objective_with(line, w, mode), rel=1e-5)
+        for line, w in zip(lines, weights[1:], strict=False)
+    )
     assert misfits >= 3, weights
     # TensorBoard shows the same weights under MFTCoder's tags.
     tags = EventAccumulator(str(result.output_dir / "logs")).Reload()
@@ -194,8 +222,12 @@ def test_used_output_dir_is_refused_and_left_untouched(tiny_config):
 def test_early_stopping_and_checkpoint_rotation(tiny_config):
     # learning_rate 0: the validation loss never improves after the first evaluation
     config = tiny_config(
-        learning_rate=0, evaluation_steps=2, early_stopping=True, early_stopping_stall_num=2,
-        checkpointing_steps=1, saving_limit=2,
+        learning_rate=0,
+        evaluation_steps=2,
+        early_stopping=True,
+        early_stopping_stall_num=2,
+        checkpointing_steps=1,
+        saving_limit=2,
     )
     result = train(config)
     assert result.steps == 6  # evaluations at 2 (best), 4 and 6 (two stalls)
@@ -208,7 +240,9 @@ def test_early_stopping_and_checkpoint_rotation(tiny_config):
 
 def test_new_special_tokens_train_embeddings_and_head(tiny_config):
     markers = {"system": "<|sys|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
-    config = tiny_config(max_train_steps=2, role_markers=markers, new_special_tokens=["<|sys|>", "<|user|>", "<|assistant|>"])
+    config = tiny_config(
+        max_train_steps=2, role_markers=markers, new_special_tokens=["<|sys|>", "<|user|>", "<|assistant|>"]
+    )
     result = train(config)
     tokenizer = AutoTokenizer.from_pretrained(result.final_dir)
     assert tokenizer.convert_tokens_to_ids("<|assistant|>") >= 1294

@@ -110,9 +110,7 @@ def _family_issues(config: TrainConfig, model_config: Path) -> list[Issue]:
 def _schedule_issues(config: TrainConfig) -> list[Issue]:
     issues = []
     if config.min_lr > config.learning_rate:
-        issues.append(
-            Issue("min_lr", f"min_lr {config.min_lr:g} exceeds learning_rate {config.learning_rate:g}")
-        )
+        issues.append(Issue("min_lr", f"min_lr {config.min_lr:g} exceeds learning_rate {config.learning_rate:g}"))
     if config.valid_fraction == 0:
         for name, without in config.validation_users.items():
             issues.append(Issue(name, f"needs a validation split; set data_split (e.g. [0.98, 0.02]) or {without}"))
@@ -126,17 +124,14 @@ def _output_issues(config: TrainConfig) -> list[Issue]:
     cached = cache_root(config)
     if cached == out.resolve() or out.resolve() in cached.parents:
         given = "" if config.cache_dir else " (from $MFTCODER_CACHE)"
-        return [Issue("cache_dir", f"{cached}{given} is inside output_dir, which a new run may clear; put it elsewhere")]
+        return [
+            Issue("cache_dir", f"{cached}{given} is inside output_dir, which a new run may clear; put it elsewhere")
+        ]
     return []
 
 
 def cross_field_issues(config: TrainConfig) -> list[Issue]:
-    return (
-        _data_issues(config)
-        + _model_issues(config)
-        + _schedule_issues(config)
-        + _output_issues(config)
-    )
+    return _data_issues(config) + _model_issues(config) + _schedule_issues(config) + _output_issues(config)
 
 
 def absolute_paths(config: TrainConfig) -> TrainConfig:

@@ -149,7 +149,8 @@ class TrainConfig(BaseModel):
     per_device_eval_batch_size: int = Field(8, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
-        "adamw", description="torch AdamW, or bitsandbytes' 8-bit AdamW (paged: state pages to CPU under memory pressure)."
+        "adamw",
+        description="torch AdamW, or bitsandbytes' 8-bit AdamW (paged: state pages to CPU under memory pressure).",
     )
     learning_rate: float = Field(5e-5, ge=0)
     min_lr: float = Field(0.0, ge=0)
@@ -242,9 +243,7 @@ class TrainConfig(BaseModel):
     @classmethod
     def _warmup_steps_or_fraction(cls, value):
         if value >= 1 and value != int(value):
-            raise ValueError(
-                "give a whole number of steps (e.g. 100) or a fraction of the run below 1 (e.g. 0.05)"
-            )
+            raise ValueError("give a whole number of steps (e.g. 100) or a fraction of the run below 1 (e.g. 0.05)")
         return value
 
     @field_validator("data_split")

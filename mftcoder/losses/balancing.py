@@ -39,7 +39,7 @@ class Balancing(ABC):
     def coefficients(self, batch: dict[str, torch.Tensor], ce: torch.Tensor, step_counts: torch.Tensor) -> torch.Tensor:
         """c_t of every token of `batch` (0 off-target) for the step whose [2, T] counts are `step_counts`."""
 
-    def observe(self, task_ce: torch.Tensor, task_targets: torch.Tensor) -> None:
+    def observe(self, task_ce: torch.Tensor, task_targets: torch.Tensor) -> None:  # noqa: B027 (optional hook)
         """The step's per-task CE sums and target counts over all ranks; only focal (task level) uses them."""
 
     def validation_due(self, step: int) -> bool:
@@ -48,7 +48,7 @@ class Balancing(ABC):
     def state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 (stateless by default)
         """Nothing to restore."""
 
 

@@ -28,7 +28,7 @@ import yaml
 
 from mftcoder.config.schema import TrainConfig
 from mftcoder.errors import ConfigError, Issue
-from mftcoder.training.outputs import checkpoint_steps, checkpoint_dir
+from mftcoder.training.outputs import checkpoint_dir, checkpoint_steps
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
@@ -133,8 +133,11 @@ def check_compatible(checkpoint: Path, config: TrainConfig, saved_world: int, wo
                     f"the config changed since {checkpoint} in ways that change what is trained: "
                     + "; ".join(refused)
                     + ". Restore those values (or start a new run in another output_dir"
-                    + ("; a different world size is accepted with allow_inexact_resume: true" if any(
-                        c.startswith("world size") for c in refused) else "")
+                    + (
+                        "; a different world size is accepted with allow_inexact_resume: true"
+                        if any(c.startswith("world size") for c in refused)
+                        else ""
+                    )
                     + ")",
                 )
             ]

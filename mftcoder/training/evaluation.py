@@ -52,7 +52,9 @@ def evaluate(
     row in pack mode) is evaluated once on one rank; `units` restricts that to some of them."""
     num_tasks = len(tasks)
     sums = torch.zeros(2, num_tasks, dtype=torch.float64, device=accelerator.device)
-    batches = rank_micro_batches(range(split.units) if units is None else units, batch_size, accelerator.num_processes, accelerator.process_index)
+    batches = rank_micro_batches(
+        range(split.units) if units is None else units, batch_size, accelerator.num_processes, accelerator.process_index
+    )
     was_training = model.training
     model.eval()
     for units in batches:

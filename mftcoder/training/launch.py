@@ -151,7 +151,8 @@ def deepspeed_plugin(config: TrainConfig, world_size: int) -> DeepSpeedPlugin:
             conflicts.append(f"{key}={given} (the train config gives {value:g})")
     if conflicts:
         raise LaunchError(
-            "the DeepSpeed config disagrees with the train config: " + "; ".join(conflicts)
+            "the DeepSpeed config disagrees with the train config: "
+            + "; ".join(conflicts)
             + ". The train config is the only source of batch size, accumulation and clipping "
             "(max_grad_norm): remove these from the accelerate / DeepSpeed config or set them to auto"
         )

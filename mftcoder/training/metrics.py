@@ -75,7 +75,9 @@ class TrainWindow:
 
 
 class MetricsLog:
-    def __init__(self, logs_dir: Path, enabled: bool, resume: tuple[int, int] | None = None, weight_tag: str = "weight"):
+    def __init__(
+        self, logs_dir: Path, enabled: bool, resume: tuple[int, int] | None = None, weight_tag: str = "weight"
+    ):
         """`resume`: (step, lines) of the checkpoint resumed from. What an interrupted run logged after
         its checkpoint is dropped: lines beyond the count it had written, TensorBoard events after
         its step (events logged at that very step after the checkpoint may then appear twice)."""

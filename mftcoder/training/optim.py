@@ -74,7 +74,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total
     def factor(step: int) -> float:
         if peak == 0:
             return 0.0
-        rate = lr_at(step, peak=peak, min_lr=config.min_lr, warmup=warmup, total=total_steps, kind=config.lr_scheduler_type)
+        rate = lr_at(
+            step, peak=peak, min_lr=config.min_lr, warmup=warmup, total=total_steps, kind=config.lr_scheduler_type
+        )
         return rate / peak
 
     return LambdaLR(optimizer, factor)

@@ -1,7 +1,7 @@
 """The output directory: refusing to clobber an earlier run, and atomic, self-describing saves.
 
-    <output_dir>/config.yaml  run.json  base_model/  checkpoints/step-<N>/  checkpoints/latest
-                 final/  logs/  (merged/, when `mftcoder merge` is pointed there)
+<output_dir>/config.yaml  run.json  base_model/  checkpoints/step-<N>/  checkpoints/latest
+             final/  logs/  (merged/, when `mftcoder merge` is pointed there)
 """
 
 from __future__ import annotations

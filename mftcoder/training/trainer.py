@@ -30,13 +30,13 @@ from mftcoder.config.loading import dump_config
 from mftcoder.config.schema import TrainConfig
 from mftcoder.data.batching import rank_micro_batches
 from mftcoder.data.dataset import build_datasets, report_table, steps_per_epoch
+from mftcoder.data.template import chat_format
 from mftcoder.errors import LaunchError, TrainingError
 from mftcoder.losses.balancing import loss_vector
 from mftcoder.losses.modes import batch_counts, task_sums, token_losses
 from mftcoder.losses.moe import router_balance, router_balance_loss
 from mftcoder.losses.weighting import balancing_warnings, build_balancing
 from mftcoder.merge import BASE_INFO, base_model_info
-from mftcoder.data.template import chat_format
 from mftcoder.models.loading import cast_trainable, load_model, load_tokenizer, wrap_lora
 from mftcoder.models.packing_check import check_packed_isolation
 from mftcoder.training import checkpoint as ckpt
@@ -104,7 +104,11 @@ def _load_weights(model, directory: Path, peft: bool) -> None:
         unexpected = result.unexpected_keys
     else:
         index = directory / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        files = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.is_file()
+            else ["model.safetensors"]
+        )
         state = {}
         for name in files:
             state.update(load_file(directory / name))
@@ -139,7 +143,9 @@ class Trainer:
         if resume_from is not None and self.out.resolve() in resume_from.resolve().parents:
             return []  # continuing the run that lives here
         if resume_from is None and self.config.resume_from_checkpoint == "auto":
-            self.accelerator.print(f"resume_from_checkpoint=auto: no complete checkpoint in {self.checkpoints}; starting fresh")
+            self.accelerator.print(
+                f"resume_from_checkpoint=auto: no complete checkpoint in {self.checkpoints}; starting fresh"
+            )
             return outputs.check_output_dir(self.out, overwrite=True)
         return outputs.check_output_dir(self.out, self.config.overwrite_output_dir)
 
@@ -358,11 +364,22 @@ class Trainer:
         """Evaluate, log, track the best; True when early stopping says stop."""
         config, p = self.config, self.progress
         result: Evaluation = evaluate(
-            self.model, self.accelerator, self.data.valid, self.data.tasks, config.per_device_eval_batch_size, self.pad_id
+            self.model,
+            self.accelerator,
+            self.data.valid,
+            self.data.tasks,
+            config.per_device_eval_batch_size,
+            self.pad_id,
         )
         p.last_eval_step = p.step
         self.metrics.write(
-            {"step": p.step, "split": "valid", "loss": result.loss, "task_mean": result.task_mean, "task_loss": result.task_loss}
+            {
+                "step": p.step,
+                "split": "valid",
+                "loss": result.loss,
+                "task_mean": result.task_mean,
+                "task_loss": result.task_loss,
+            }
         )
         self.accelerator.print(
             f"\nstep {p.step} valid loss {result.loss:.4f} task_mean {result.task_mean:.4f} "
@@ -383,8 +400,13 @@ class Trainer:
         config, p = self.config, self.progress
         units = None if full else self.balancing.validation_indices(self.data.valid.units)
         result = evaluate(
-            self.model, self.accelerator, self.data.valid, self.data.tasks, config.per_device_eval_batch_size,
-            self.pad_id, units=units,
+            self.model,
+            self.accelerator,
+            self.data.valid,
+            self.data.tasks,
+            config.per_device_eval_batch_size,
+            self.pad_id,
+            units=units,
         )
         if full:
             self.metrics.write({"step": p.step, "split": "valid", "loss": result.loss, "task_loss": result.task_loss})
@@ -453,7 +475,9 @@ class Trainer:
             try:
                 if acc.distributed_type in SHARDED_STATE:
                     acc.save_state(str(tmp / "state"))
-                torch.save({"rng": ckpt.rng_state(), "window": self.window.state_dict()}, tmp / f"rank-{acc.process_index}.pt")
+                torch.save(
+                    {"rng": ckpt.rng_state(), "window": self.window.state_dict()}, tmp / f"rank-{acc.process_index}.pt"
+                )
             except OSError as err:
                 problem = f"{type(err).__name__}: {err}"
             problem = self._agree(problem)
@@ -470,7 +494,11 @@ class Trainer:
                 kept = ckpt.latest_checkpoint(self.checkpoints)
                 acc.print(
                     f"\nwarning: checkpoint {directory.name} was not written ({problem}); "
-                    + (f"the previous checkpoint {kept.name} and `latest` are intact" if kept else "no earlier checkpoint exists")
+                    + (
+                        f"the previous checkpoint {kept.name} and `latest` are intact"
+                        if kept
+                        else "no earlier checkpoint exists"
+                    )
                     + "; training goes on"
                 )
         else:
@@ -514,7 +542,13 @@ class Trainer:
         tmp = self.out / "best.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "scaler.pt", "scheduler.pt", "balancing.pt", "rank-*.pt", "state", "config.yaml"))
+        shutil.copytree(
+            source,
+            tmp,
+            ignore=shutil.ignore_patterns(
+                "optimizer.pt", "scaler.pt", "scheduler.pt", "balancing.pt", "rank-*.pt", "state", "config.yaml"
+            ),
+        )
         outputs.publish(tmp, self.out / "best")
         self.accelerator.print(f"best/ = step {best} ({self.config.metric_for_best} {self.progress.best_metric:.4f})")
 
@@ -524,7 +558,9 @@ class Trainer:
         if acc.distributed_type in SHARDED_STATE:
             acc.load_state(str(checkpoint / "state"))
         else:
-            self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
+            self.optimizer.load_state_dict(
+                torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
+            )
             if acc.scaler is not None and (checkpoint / "scaler.pt").is_file():
                 acc.scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=False))
             elif acc.scaler is not None:
@@ -569,7 +605,9 @@ class Trainer:
         start = self.progress.step
         stopped_by = self._run(schedule)
         if stopped_by:
-            return TrainResult(self.out, None, self.progress.step, self.progress.step - start, self.progress, stopped_by)
+            return TrainResult(
+                self.out, None, self.progress.step, self.progress.step - start, self.progress, stopped_by
+            )
         return self._finish(schedule, start)
 
     def _resume_point(self, info: dict) -> tuple[Path | None, dict | None]:
@@ -580,7 +618,9 @@ class Trainer:
             return None, None
         saved = json.loads((resume_from / ckpt.TRAINER_STATE).read_text())
         if acc.distributed_type in SHARDED_STATE and not (resume_from / "state").is_dir():
-            raise LaunchError(f"{resume_from} was written without DeepSpeed/FSDP state; resume it with the launcher that wrote it")
+            raise LaunchError(
+                f"{resume_from} was written without DeepSpeed/FSDP state; resume it with the launcher that wrote it"
+            )
         for change in ckpt.check_compatible(resume_from, self.config, saved["world_size"], acc.num_processes):
             acc.print(f"resume: accepted change {change}")
         info["resumed_from"] = str(resume_from)
@@ -601,7 +641,10 @@ class Trainer:
     def _schedule(self, saved: dict | None) -> Schedule:
         config, acc = self.config, self.accelerator
         per_epoch = steps_per_epoch(
-            self.data.epoch_size, config.per_device_train_batch_size, acc.num_processes, config.gradient_accumulation_steps
+            self.data.epoch_size,
+            config.per_device_train_batch_size,
+            acc.num_processes,
+            config.gradient_accumulation_steps,
         )
         total = config.max_train_steps or per_epoch * config.num_train_epochs
         # A resumed run continues the learning-rate schedule it started, even when it is now longer or shorter:
