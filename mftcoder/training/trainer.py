@@ -260,7 +260,7 @@ class Trainer:
         finite = loss_finite and math.isfinite(grad_norm)
         self.progress.lr = self.optimizer.param_groups[0]["lr"]
         scale = self._loss_scale()
-        applied = self._update(loss_finite, finite)
+        applied = self._update(finite)
         outcome = step_outcome(loss_finite, math.isfinite(grad_norm), applied, scale, self.progress.step + 1)
         if outcome is Outcome.OVERFLOW:
             self._overflow(scale)
@@ -271,7 +271,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return step_sums, grad_norm, outcome
 
-    def _update(self, loss_finite: bool, finite: bool) -> bool:
+    def _update(self, finite: bool) -> bool:
         """Apply the step's update where this is still to decide; True when it reached the weights."""
         acc = self.accelerator
         if acc.distributed_type == DistributedType.DEEPSPEED:
