@@ -50,7 +50,7 @@ def cmd_preprocess(args) -> int:
     from mftcoder.data.cache import REPORT
     from mftcoder.data.dataset import build_datasets, report_table
     from mftcoder.data.template import chat_format
-    from mftcoder.models.loading import load_tokenizer
+    from mftcoder.data.tokenizer import load_tokenizer
     from mftcoder.training.outputs import write_json
 
     config = _load(args)

@@ -24,25 +24,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from mftcoder.config.schema import DTYPE_ALIASES
 from mftcoder.errors import MergeError
 from mftcoder.models.loading import TORCH_DTYPES, expert_rank_patterns, load_quantized
+from mftcoder.models.provenance import BASE_INFO
 from mftcoder.models.resolve import locate_model
 
 _PREFIX = "base_model.model."
-# Written next to an adapter by training: what the base was, since adapter_config.json does not say.
-BASE_INFO = "base_model_info.json"
-
-
-def base_model_info(model) -> dict:
-    """What training records in BASE_INFO: the base's architecture and, for a QLoRA base, how it was
-    quantised (the bitsandbytes settings and the dtype its weights were loaded in before quantising)."""
-    config = model.config
-    info = {"model_type": config.model_type, "architectures": config.architectures}
-    quantization = getattr(config, "quantization_config", None)
-    if quantization is not None:
-        info["quantization"] = {
-            "bitsandbytes": quantization.to_dict(),
-            "load_dtype": str(config.dtype).removeprefix("torch."),
-        }
-    return info
 
 
 def _adapter_config(adapter: Path) -> dict:

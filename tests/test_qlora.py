@@ -18,8 +18,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 
 from mftcoder.cli import main
 from mftcoder.errors import MergeError
-from mftcoder.merge import BASE_INFO, merge_adapter
+from mftcoder.merge import merge_adapter
 from mftcoder.models.loading import load_quantized, quantization_config, wrap_lora
+from mftcoder.models.provenance import BASE_INFO
 from mftcoder.training.trainer import train
 
 # dequant(quant(W)) + BA against the QLoRA model, fp32: only float reassociation is left.

@@ -1,4 +1,4 @@
-"""Tokenizer and model loading: dtype, attention implementation, 4/8-bit bases, new tokens, LoRA wrapping."""
+"""Model loading: dtype, attention implementation, 4/8-bit bases, new tokens, LoRA wrapping."""
 
 from __future__ import annotations
 
@@ -8,28 +8,13 @@ import warnings
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, set_seed
 
 from mftcoder.config.schema import TrainConfig
-from mftcoder.data.template import chat_format, check_tokenizer
 from mftcoder.errors import ConfigError, Issue, TrainingError
 from mftcoder.models.families import config_issues, family, fused_experts, lora_targets
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def load_tokenizer(config: TrainConfig):
-    """The tokenizer with our chat template installed, new special tokens added and a pad token."""
-    source = config.tokenizer_path or config.pretrained_model_path
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
-    check_tokenizer(tokenizer)
-    if config.new_special_tokens:
-        tokenizer.add_special_tokens({"additional_special_tokens": list(config.new_special_tokens)})
-    if tokenizer.pad_token is None:
-        # Safe: the loss mask is built from text spans, never from the pad id.
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.chat_template = chat_format(config, tokenizer).jinja()
-    return tokenizer
 
 
 def attention_implementation(requested: str, model_type: str) -> str:

@@ -31,14 +31,15 @@ from mftcoder.config.schema import TrainConfig
 from mftcoder.data.batching import rank_micro_batches
 from mftcoder.data.dataset import build_datasets, report_table, steps_per_epoch
 from mftcoder.data.template import chat_format
+from mftcoder.data.tokenizer import load_tokenizer
 from mftcoder.errors import LaunchError, TrainingError
 from mftcoder.losses.balancing import loss_vector
 from mftcoder.losses.modes import batch_counts, task_sums, token_losses
 from mftcoder.losses.moe import router_balance, router_balance_loss
 from mftcoder.losses.weighting import balancing_warnings, build_balancing
-from mftcoder.merge import BASE_INFO, base_model_info
-from mftcoder.models.loading import cast_trainable, load_model, load_tokenizer, wrap_lora
+from mftcoder.models.loading import cast_trainable, load_model, wrap_lora
 from mftcoder.models.packing_check import check_packed_isolation
+from mftcoder.models.provenance import BASE_INFO, base_model_info
 from mftcoder.training import checkpoint as ckpt
 from mftcoder.training import outputs
 from mftcoder.training.evaluation import Evaluation, evaluate, forward_token_losses, model_outputs, to_device
