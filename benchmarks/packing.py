@@ -53,7 +53,7 @@ def batch_fill(data, batch_size: int, seed: int) -> float:
 
 
 def measure(args: argparse.Namespace, mode: str, tmp: Path) -> dict:
-    from mftcoder.config import load_config
+    from mftcoder.run_config import load_config
     from mftcoder.training.trainer import Trainer
 
     out = tmp / mode
@@ -66,7 +66,7 @@ def measure(args: argparse.Namespace, mode: str, tmp: Path) -> dict:
     last = [
         m for m in map(json.loads, (out / "logs" / "metrics.jsonl").read_text().splitlines()) if m["split"] == "train"
     ][-1]
-    data = trainer.data
+    data = trainer.run.data
     tokens = sum(len(s.input_ids) for s in data.train)
     return {
         "mode": mode,

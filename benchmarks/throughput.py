@@ -45,7 +45,7 @@ def peak_rss_mib() -> float:
 def measure(args: argparse.Namespace) -> dict:
     import torch
 
-    from mftcoder.config import load_config
+    from mftcoder.run_config import load_config
     from mftcoder.training.trainer import train
 
     if args.threads:

@@ -22,7 +22,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from mftcoder.config import load_config
+    from mftcoder.run_config import load_config
 
     return load_config(args.config, args.overrides, mftcoder=True if args.mftcoder_config else None)
 

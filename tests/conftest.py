@@ -74,7 +74,7 @@ def small_data(tmp_path_factory) -> list[str]:
 @pytest.fixture
 def tiny_config(small_data, tmp_path):
     """A factory of validated configs for short in-process runs of the demo model."""
-    from mftcoder.config import validate_mapping
+    from mftcoder.run_config import validate_mapping
 
     def make(**overrides):
         raw = {
@@ -208,9 +208,9 @@ def fsdp_entry(tmp_path_factory) -> tuple[str, ...]:
 
 def poison_forward(monkeypatch, calls: set[int], factor: float) -> None:
     """Multiply the token losses of the given forward calls (one micro-batch per step) by `factor`."""
-    import mftcoder.training.trainer as trainer_module
+    import mftcoder.training.step as step_module
 
-    real = trainer_module.forward_token_losses
+    real = step_module.forward_token_losses
     count = {"n": 0}
 
     def poisoned(model, batch):
@@ -218,4 +218,4 @@ def poison_forward(monkeypatch, calls: set[int], factor: float) -> None:
         ce = real(model, batch)
         return ce * factor if count["n"] in calls else ce
 
-    monkeypatch.setattr(trainer_module, "forward_token_losses", poisoned)
+    monkeypatch.setattr(step_module, "forward_token_losses", poisoned)

@@ -14,7 +14,6 @@ from test_losses import ROWS, make_batch
 from transformers import LlamaConfig, MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from mftcoder.config import validate_mapping
 from mftcoder.errors import ConfigError
 from mftcoder.losses.balancing import StaticWeights, loss_vector
 from mftcoder.losses.coba import CoBa, absolute_convergence, divergence_factor, relative_convergence
@@ -24,6 +23,7 @@ from mftcoder.losses.modes import batch_counts, token_coefficients
 from mftcoder.losses.moe import router_balance, router_balance_loss
 from mftcoder.losses.self_paced import SelfPaced, self_paced_weights
 from mftcoder.losses.weighting import balancing_warnings, build_balancing
+from mftcoder.run_config import validate_mapping
 
 pytestmark = pytest.mark.unit
 

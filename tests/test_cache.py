@@ -15,7 +15,7 @@ from datasets import load_from_disk
 
 from mftcoder.cli import main
 from mftcoder.config import dump_config
-from mftcoder.data import dataset
+from mftcoder.data import encoding
 from mftcoder.data.cache import META, REPORT
 from mftcoder.data.dataset import build_datasets
 from mftcoder.data.template import chat_format
@@ -38,13 +38,13 @@ def data_paths(tmp_path) -> list[str]:
 def encodings(monkeypatch) -> list[int]:
     """Counts the runs of the encoder (tokenizing); the cache is what spares them."""
     calls: list[int] = []
-    encode = dataset.encode_tasks
+    encode = encoding.encode_tasks
 
     def counted(*args, **kwargs):
         calls.append(1)
         return encode(*args, **kwargs)
 
-    monkeypatch.setattr(dataset, "encode_tasks", counted)
+    monkeypatch.setattr(encoding, "encode_tasks", counted)
     return calls
 
 

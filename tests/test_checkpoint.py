@@ -13,6 +13,7 @@ from conftest import poison_forward, read_metrics, reset_accelerate
 from mftcoder.errors import ConfigError, LaunchError, TrainingError
 from mftcoder.training import checkpoint as ckpt
 from mftcoder.training import outputs
+from mftcoder.training.resume import compatibility
 from mftcoder.training.trainer import train
 
 
@@ -49,17 +50,17 @@ def test_compatibility_accepts_schedule_keys_and_refuses_the_rest(tiny_config):
     config = tiny_config(max_train_steps=10)
     saved = config.model_dump(mode="json")
     longer = config.model_copy(update={"max_train_steps": 20, "log_interval": 5})
-    accepted, refused = ckpt.compatibility(saved, longer, 1, 1)
+    accepted, refused = compatibility(saved, longer, 1, 1)
     assert [c.split(":")[0] for c in accepted] == ["log_interval", "max_train_steps"] and not refused
     other = config.model_copy(update={"seq_length": 256, "learning_rate": 1.0})
-    _, refused = ckpt.compatibility(saved, other, 1, 1)
+    _, refused = compatibility(saved, other, 1, 1)
     assert [c.split(":")[0] for c in refused] == ["learning_rate", "seq_length"]
-    _, refused = ckpt.compatibility(saved, config, 2, 1)
+    _, refused = compatibility(saved, config, 2, 1)
     assert refused == ["world size: 2 -> 1"]
-    accepted, refused = ckpt.compatibility(saved, config.model_copy(update={"allow_inexact_resume": True}), 2, 1)
+    accepted, refused = compatibility(saved, config.model_copy(update={"allow_inexact_resume": True}), 2, 1)
     assert "world size: 2 -> 1" in accepted and not refused  # allow_inexact_resume itself is safe to change
     del saved["on_nan"]  # a checkpoint written before the key existed: it had the default
-    assert ckpt.compatibility(saved, config, 1, 1) == ([], [])
+    assert compatibility(saved, config, 1, 1) == ([], [])
 
 
 @pytest.mark.unit
@@ -67,7 +68,7 @@ def test_compatibility_accepts_schedule_keys_and_refuses_the_rest(tiny_config):
 def test_eval_batch_size_may_change_unless_validation_draws_set_the_weights(tiny_config, mode):
     config = tiny_config(weighted_loss_mode=mode)
     saved = config.model_dump(mode="json")
-    accepted, refused = ckpt.compatibility(saved, config.model_copy(update={"per_device_eval_batch_size": 2}), 1, 1)
+    accepted, refused = compatibility(saved, config.model_copy(update={"per_device_eval_batch_size": 2}), 1, 1)
     changed = ["per_device_eval_batch_size: 8 -> 2"]
     assert (accepted, refused) == (([], changed) if mode in ("self_paced", "coba") else (changed, []))
 
@@ -139,9 +140,9 @@ def test_auto_without_a_checkpoint_starts_fresh(tiny_config, capsys):
 
 @pytest.mark.e2e
 def test_non_finite_steps_are_skipped_then_stop(tiny_config, monkeypatch, capsys):
-    import mftcoder.training.trainer as trainer_module
+    import mftcoder.training.step as step_module
 
-    real = trainer_module.forward_token_losses
+    real = step_module.forward_token_losses
     poisoned = {3, 5, 6, 7}  # forward calls (one micro-batch per step) that return NaN
     calls = {"n": 0}
 
@@ -150,7 +151,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_config, monkeypatch, capsys
         ce = real(model, batch)
         return ce * float("nan") if calls["n"] in poisoned else ce
 
-    monkeypatch.setattr(trainer_module, "forward_token_losses", sometimes_nan)
+    monkeypatch.setattr(step_module, "forward_token_losses", sometimes_nan)
     with pytest.raises(
         TrainingError,
         match=r"step 7: non-finite loss or gradient norm \(tasks in this rank's batch: .+\); stopping \(3 in a row\)",
@@ -166,10 +167,10 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_config, monkeypatch, capsys
 
 @pytest.mark.e2e
 def test_on_nan_stop_stops_at_the_first(tiny_config, monkeypatch):
-    import mftcoder.training.trainer as trainer_module
+    import mftcoder.training.step as step_module
 
-    real = trainer_module.forward_token_losses
-    monkeypatch.setattr(trainer_module, "forward_token_losses", lambda m, b: real(m, b) * float("inf"))
+    real = step_module.forward_token_losses
+    monkeypatch.setattr(step_module, "forward_token_losses", lambda m, b: real(m, b) * float("inf"))
     with pytest.raises(TrainingError, match=r"step 1: .*on_nan: stop"):
         train(tiny_config(max_train_steps=3, on_nan="stop"))
 

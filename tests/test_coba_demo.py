@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, launch_env, read_metrics
 
-from mftcoder.config import load_config
+from mftcoder.run_config import load_config
 from mftcoder.training.trainer import train
 
 CONFIG = REPO / "configs" / "train" / "demo_coba.yaml"

@@ -10,13 +10,15 @@ import pytest
 from conftest import read_metrics
 from safetensors import safe_open
 
+from mftcoder.training.setup import build_model
 from mftcoder.training.trainer import Trainer, train
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("compile_model", [False, True])
 def test_torch_compile_compiles_the_model_in_place(tiny_config, demo_tokenizer, compile_model):
-    model = Trainer(tiny_config(torch_compile=compile_model))._build_model(demo_tokenizer)
+    trainer = Trainer(tiny_config(torch_compile=compile_model))
+    model = build_model(trainer.config, trainer.accelerator, trainer.checkpointer, demo_tokenizer, "sdpa")
     assert (model._compiled_call_impl is not None) == compile_model
     assert not any("_orig_mod" in name for name, _ in model.named_parameters())
 

@@ -4,9 +4,10 @@ from pathlib import Path
 import pytest
 from conftest import DEMO_MODEL
 
-from mftcoder.config import dump_config, load_config
+from mftcoder.config import dump_config
 from mftcoder.config.loading import apply_overrides, parse_value
 from mftcoder.errors import ConfigError
+from mftcoder.run_config import load_config
 
 pytestmark = pytest.mark.unit
 

@@ -7,8 +7,8 @@ import random
 import pytest
 from conftest import DEMO_MODEL
 
-from mftcoder.config import validate_mapping
 from mftcoder.errors import ConfigError
+from mftcoder.run_config import validate_mapping
 
 pytestmark = pytest.mark.unit
 

@@ -8,18 +8,10 @@ import torch
 
 from mftcoder.config.schema import RoleMarkers
 from mftcoder.data.batching import collate, epoch_order, rank_micro_batches
-from mftcoder.data.dataset import (
-    MultiTaskData,
-    Sample,
-    build_datasets,
-    epoch_indices,
-    report_table,
-    split_counts,
-    split_records,
-    steps_per_epoch,
-    truncate,
-)
+from mftcoder.data.dataset import MultiTaskData, build_datasets, epoch_indices, report_table, steps_per_epoch
+from mftcoder.data.encoding import split_counts, split_records, truncate
 from mftcoder.data.records import Record
+from mftcoder.data.sample import Sample
 from mftcoder.data.template import ChatFormat, chat_format, tokenize
 from mftcoder.errors import DataError
 

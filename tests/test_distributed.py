@@ -20,7 +20,8 @@ from conftest import DEMO_MODEL, DEMO_TASKS, EQUIVALENCE_ADAM_EPSILON, launch_en
 from safetensors.torch import load_file
 
 from mftcoder.cli import main
-from mftcoder.config import dump_config, validate_mapping
+from mftcoder.config import dump_config
+from mftcoder.run_config import validate_mapping
 
 pytestmark = pytest.mark.dist
 

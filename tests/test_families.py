@@ -11,11 +11,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mftcoder.config import TrainConfig, validate_mapping
+from mftcoder.config import TrainConfig
 from mftcoder.errors import ConfigError, TrainingError
 from mftcoder.models import families
 from mftcoder.models.families import FAMILIES
 from mftcoder.models.loading import attention_implementation, expert_rank_patterns, wrap_lora
+from mftcoder.run_config import validate_mapping
 
 RANK, ALPHA, VOCAB = 4, 8, 128
 SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -46,7 +47,7 @@ TINY = {
 def tiny_model(model_type: str):
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **TINY[model_type])
-    attn = attention_implementation("auto", model_type)
+    attn = attention_implementation(model_type)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 
 
@@ -130,8 +131,8 @@ def test_family_all_linear_adapts_the_registry_targets_trains_and_merges(model_t
 
 @pytest.mark.unit
 def test_gemma2_auto_attention_is_eager_and_sdpa_is_refused(tmp_path, small_data):
-    assert attention_implementation("auto", "gemma2") == "eager"  # no CUDA here, so no flash-attn
-    assert attention_implementation("auto", "llama") == "sdpa"
+    assert attention_implementation("gemma2") == "eager"  # no CUDA here, so no flash-attn
+    assert attention_implementation("llama") == "sdpa"
     config = model_dir(tmp_path, "gemma2")
     with pytest.raises(ConfigError) as raised:
         validate(config, small_data, tmp_path, attn_implementation="sdpa")

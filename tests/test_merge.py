@@ -39,7 +39,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def trained(small_data, tmp_path_factory):
     """A 3-step LoRA run of the demo model; its OUTPUT_DIR (base_model/, final/, ...)."""
-    from mftcoder.config import validate_mapping
+    from mftcoder.run_config import validate_mapping
     from mftcoder.training.trainer import train
 
     config = validate_mapping(

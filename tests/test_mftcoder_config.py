@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mftcoder.config import TrainConfig, load_config
+from mftcoder.config import TrainConfig
 from mftcoder.config.mftcoder_compat import (
     MFTCODER_FIELDS,
     Copy,
@@ -17,6 +17,7 @@ from mftcoder.config.mftcoder_compat import (
     translate_mftcoder,
 )
 from mftcoder.errors import ConfigError
+from mftcoder.run_config import load_config
 
 pytestmark = pytest.mark.unit
 

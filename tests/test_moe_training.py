@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+from mftcoder.training.step import optimizer_step
+from mftcoder.training.step_outcome import Outcome
 from mftcoder.training.trainer import Trainer, train
 
 pytestmark = pytest.mark.e2e
@@ -68,10 +70,10 @@ def first_step_aux_loss(tiny_config, tmp_path, padding_mode):
     trainer = Trainer(config)
     trainer.train()
     (record,) = [r for r in read_metrics(tmp_path / padding_mode) if r["split"] == "train"]
-    (indices,) = trainer._epoch_steps(0)[0]  # one micro-batch: 1 process, no accumulation
+    (indices,) = trainer.epoch_steps(0)[0]  # one micro-batch: 1 process, no accumulation
     # Step 1 ran on the initial weights: LoRA's B starts at 0, so the base alone is that model.
     base = AutoModelForCausalLM.from_pretrained(tmp_path / padding_mode / "base_model", dtype=torch.float32).eval()
-    return record["aux_loss"], trainer.data.train.batch(indices, trainer.pad_id), base
+    return record["aux_loss"], trainer.run.data.train.batch(indices, trainer.run.pad_id), base
 
 
 def test_logged_aux_loss_is_transformers_own_over_the_real_tokens(tiny_config, tmp_path):
@@ -115,7 +117,7 @@ def test_an_empty_micro_batch_adds_no_router_loss(tiny_config, tmp_path):
     )  # fmt: skip
     trainer = Trainer(config)
     trainer.train()
-    step_sums, _, finite = trainer._optimizer_step([[1], []])
-    assert finite
-    aux = trainer.window.split(step_sums)[-1]
+    result = optimizer_step(trainer.accelerator, config, trainer.run, [[1], []])
+    assert result.outcome is Outcome.APPLIED
+    aux = trainer.run.window.split(result.sums)[-1]
     assert math.isfinite(aux) and aux > 0  # micro-batch [1]'s loss, plus 0 for the dummy

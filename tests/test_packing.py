@@ -12,14 +12,15 @@ from conftest import DEMO_MODEL, read_metrics
 from test_families import TINY
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mftcoder.config import load_config
 from mftcoder.data.batching import Split, collate, collate_flat, collate_packed
-from mftcoder.data.dataset import MultiTaskData, Sample, build_datasets
+from mftcoder.data.dataset import MultiTaskData, build_datasets
 from mftcoder.data.packing import ISOLATION_VERIFIED, best_fit_decreasing, fill_rates, pack, windows
+from mftcoder.data.sample import Sample
 from mftcoder.data.template import chat_format
 from mftcoder.errors import ConfigError, DataError
 from mftcoder.losses.modes import batch_counts, task_sums, token_coefficients
 from mftcoder.models.packing_check import ROWS_TOLERANCE, check_packed_isolation, measure_isolation, rounding_tolerance
+from mftcoder.run_config import load_config
 from mftcoder.training.evaluation import MODEL_INPUTS, forward_token_losses
 from mftcoder.training.trainer import Trainer
 
@@ -235,7 +236,7 @@ def chat_and_text_rows(demo_tokenizer, tmp_path_factory):
     """Two packed rows of demo samples: chat records of two tasks and plain text records."""
     from conftest import write_subset
 
-    from mftcoder.config import validate_mapping
+    from mftcoder.run_config import validate_mapping
 
     root = tmp_path_factory.mktemp("isolation")
     paths = write_subset(root, 6)[:2]
@@ -482,7 +483,8 @@ def test_pack_mode_validation_loss_equals_padding_mode_without_updates(tiny_conf
         (valid,) = [m for m in read_metrics(tmp_path / mode) if m["split"] == "valid"]
         losses[mode] = valid["task_loss"]
         if mode == "pack":
-            valid_rows = [len(trainer.data.valid.unit(b)) for b in range(trainer.data.valid.units)]
+            valid = trainer.run.data.valid
+            valid_rows = [len(valid.unit(b)) for b in range(valid.units)]
             report = json.loads((tmp_path / mode / "logs" / "data_report.json").read_text())
             assert all(0 < task["fill_rate"] <= 1 for task in report.values())
     assert max(valid_rows) > 1, "no packed validation row held several samples"

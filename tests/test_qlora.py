@@ -40,7 +40,7 @@ def test_quantization_config():
 @pytest.fixture(scope="module")
 def qlora_run(small_data, tmp_path_factory):
     """4 QLoRA steps of the demo model (random weights from its config), evaluating after step 2."""
-    from mftcoder.config import validate_mapping
+    from mftcoder.run_config import validate_mapping
 
     config = validate_mapping(
         {

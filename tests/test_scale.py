@@ -47,7 +47,8 @@ from conftest import DEMO_MODEL, EQUIVALENCE_ADAM_EPSILON, REPO, launch_env
 from safetensors.torch import load_file
 
 from mftcoder.cli import main
-from mftcoder.config import dump_config, validate_mapping
+from mftcoder.config import dump_config
+from mftcoder.run_config import validate_mapping
 
 PRESETS = REPO / "configs" / "accelerate"
 LAUNCH_TIMEOUT = 900
@@ -401,9 +402,9 @@ import sys
 import torch.distributed as dist
 
 from mftcoder.cli import main
-from mftcoder.training import trainer
+from mftcoder.training import step
 
-real = trainer.forward_token_losses
+real = step.forward_token_losses
 calls = {"n": 0}
 
 
@@ -413,7 +414,7 @@ def poisoned(model, batch):
     return ce * float("nan") if calls["n"] == 2 and dist.get_rank() == 0 else ce
 
 
-trainer.forward_token_losses = poisoned
+step.forward_token_losses = poisoned
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -838,8 +839,10 @@ def test_the_copied_architectures_have_the_sizes_in_their_names(memory):
 
 
 @pytest.mark.unit
-def test_the_readme_table_is_the_scripts_output(memory):
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("| train config | parameters |")
-    table = readme[start : readme.index("\n\n", start)]
-    assert table == memory.readme_table(), "run `python scripts/estimate_memory.py --readme` and paste its output"
+def test_the_docs_memory_table_is_the_scripts_output(memory):
+    doc = (REPO / "docs" / "memory.md").read_text()
+    start = doc.index("| train config | parameters |")
+    table = doc[start : doc.index("\n\n", start)]
+    assert table == memory.memory_table(), (
+        "docs/memory.md is stale: run `python scripts/estimate_memory.py --table` and paste its output there"
+    )

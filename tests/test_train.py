@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mftcoder.config import load_config
 from mftcoder.data.records import read_records
 from mftcoder.data.template import chat_format, tokenize_conversations
 from mftcoder.errors import ConfigError
+from mftcoder.run_config import load_config
 from mftcoder.training.trainer import train
 
 pytestmark = pytest.mark.e2e

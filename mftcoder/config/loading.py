@@ -1,6 +1,8 @@
-"""Read a config file (YAML or JSON), apply `key=value` overrides, validate, report every problem.
+"""Read a config file (YAML or JSON), apply `key=value` overrides, validate it against the schema.
 
-Problems are located: `file:line` for keys in the file, `override key=value` for overrides.
+Problems are located: `file:line` for keys in the file, `override key=value` for overrides. The
+checks that need the data or the model layer run in `mftcoder.run_config`, which loads configs for
+the rest of the package.
 """
 
 from __future__ import annotations
@@ -8,16 +10,16 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from mftcoder.config.checks import absolute_paths, cross_field_issues
 from mftcoder.config.mftcoder_compat import looks_like_mftcoder, translate_mftcoder
-from mftcoder.config.schema import TrainConfig
+from mftcoder.config.schema import DataSource, TrainConfig
 from mftcoder.errors import ConfigError, Issue
 
 
@@ -132,48 +134,37 @@ def _issues_from_validation(err: ValidationError, raw: dict[str, Any]) -> list[I
     return list(unique.values())
 
 
-def _locate(issues: list[Issue], path: Path | None, lines: dict[str, int], origins: dict[str, str]) -> list[Issue]:
-    located = []
-    for issue in issues:
-        top = issue.field.split(".")[0]
-        if top in origins:
-            where = origins[top]
-        elif path is not None and top in lines:
-            where = f"{path}:{lines[top]}"
-        else:
-            where = str(path) if path else ""
-        located.append(Issue(issue.field, issue.message, where))
-    return located
+@dataclass(frozen=True)
+class Origin:
+    """Where the top-level keys of a raw config were set: a line of `path`, or an override."""
+
+    path: Path | None = None
+    lines: Mapping[str, int] = field(default_factory=dict)
+    overrides: Mapping[str, str] = field(default_factory=dict)  # key -> "override key=value"
+
+    def error(self, issues: list[Issue]) -> ConfigError:
+        """The ConfigError of `issues`, each located where its top-level key was set."""
+        located = []
+        for issue in issues:
+            top = issue.field.split(".")[0]
+            if top in self.overrides:
+                where = self.overrides[top]
+            elif self.path is not None and top in self.lines:
+                where = f"{self.path}:{self.lines[top]}"
+            else:
+                where = str(self.path) if self.path else ""
+            located.append(Issue(issue.field, issue.message, where))
+        return ConfigError(located, source=str(self.path) if self.path else "")
 
 
-def validate_mapping(
-    raw: dict[str, Any],
-    *,
-    path: Path | None = None,
-    lines: dict[str, int] | None = None,
-    origins: dict[str, str] | None = None,
-) -> TrainConfig:
-    """Validate a raw mapping into a TrainConfig with absolute paths, or raise every problem at once."""
-    lines, origins = lines or {}, origins or {}
-    try:
-        config = TrainConfig.model_validate(raw)
-    except ValidationError as err:
-        issues = _issues_from_validation(err, raw)
-    else:
-        issues = cross_field_issues(config)
-        if not issues:
-            return absolute_paths(config)
-    raise ConfigError(_locate(issues, path, lines, origins), source=str(path) if path else "")
-
-
-def load_config(
+def read_config(
     path: str | Path,
     overrides: Sequence[str] = (),
     *,
     mftcoder: bool | None = None,
     notice: Callable[[str], None] = print,
-) -> TrainConfig:
-    """Load, translate (MFTCoder configs), override and validate a train config.
+) -> tuple[dict[str, Any], Origin]:
+    """The raw mapping of a config file, translated (MFTCoder configs) and overridden, and its origin.
 
     `mftcoder=None` detects an MFTCoder train config by its fields; True forces the translation.
     `notice` receives what the translation changed and why.
@@ -184,14 +175,44 @@ def load_config(
         try:
             raw, notes = translate_mftcoder(raw)
         except ConfigError as err:
-            raise ConfigError(_locate(err.issues, path, lines, {}), source=str(path)) from None
+            raise Origin(path, lines).error(err.issues) from None
         notice(f"{path} is an MFTCoder train config; translated:")
         for note in notes:
             notice(f"  - {note}")
     raw, origins = apply_overrides(raw, overrides)
-    return validate_mapping(raw, path=path, lines=lines, origins=origins)
+    return raw, Origin(path, lines, origins)
+
+
+def parse_config(raw: dict[str, Any], origin: Origin) -> TrainConfig:
+    """The TrainConfig of a raw mapping, or a ConfigError with every problem the schema finds."""
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        raise origin.error(_issues_from_validation(err, raw)) from None
+
+
+def absolute_paths(config: TrainConfig) -> TrainConfig:
+    """The config with local paths made absolute, so the saved copy runs from any directory."""
+
+    def local(p: str) -> str:
+        path = Path(p).expanduser()
+        return str(path.resolve()) if path.exists() else p
+
+    def local_source(entry: str | DataSource) -> str | DataSource:
+        if isinstance(entry, DataSource):
+            return entry.model_copy(update={"path": local(entry.path)})
+        return local(entry)
+
+    return config.model_copy(
+        update={
+            "data_paths": [local_source(entry) for entry in config.data_paths],
+            "output_dir": str(Path(config.output_dir).expanduser().resolve()),
+            "pretrained_model_path": local(config.pretrained_model_path),
+            "tokenizer_path": local(config.tokenizer_path) if config.tokenizer_path else None,
+        }
+    )
 
 
 def dump_config(config: TrainConfig) -> str:
-    """The resolved config as YAML that `load_config` reads back to an equal config."""
+    """The resolved config as YAML that `mftcoder.run_config.load_config` reads back to an equal config."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

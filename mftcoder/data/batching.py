@@ -24,15 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from mftcoder.data.packing import Bins
-
-if TYPE_CHECKING:  # dataset.py builds Splits
-    from mftcoder.data.dataset import Sample
+from mftcoder.data.sample import Sample
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:

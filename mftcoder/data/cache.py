@@ -1,6 +1,6 @@
 """The encoded-data cache: tokenize once, memory-map afterwards.
 
-An entry holds what encoding produced (`dataset.encode_tasks`): every task's train and valid
+An entry holds what encoding produced (`encoding.encode_tasks`): every task's train and valid
 samples as Arrow tables (`Dataset.save_to_disk`, read back memory-mapped) and the encoding part of
 the report. Its key is a SHA-256 over everything that output depends on:
 

@@ -25,14 +25,11 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mftcoder.config.schema import TrainConfig
 from mftcoder.errors import Issue
-
-if TYPE_CHECKING:  # the config package imports this module for its checks
-    from mftcoder.config.schema import TrainConfig
 
 # Seeds the order in which samples of equal length are placed.
 _PACK_STREAM = 0x5041434B

@@ -8,12 +8,9 @@ sorted, hidden files and directories skipped), or a directory written by `datase
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from mftcoder.config.schema import DataSource
 from mftcoder.errors import DataError
-
-if TYPE_CHECKING:  # the config package imports this module for its checks
-    from mftcoder.config.schema import DataSource
 
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from mftcoder.config.loss_modes import LOSS_MODES
 from mftcoder.losses.history import LossHistory, validation_sample
 from mftcoder.losses.modes import token_coefficients
 
@@ -59,7 +60,7 @@ class StaticWeights(Balancing):
     def __init__(self, mode: str, task_weights: list[float] | None, num_tasks: int, device=None):
         self.mode = mode
         self.task_weights = torch.tensor(task_weights or [1.0] * num_tasks, dtype=torch.float32, device=device)
-        self.weights = self.task_weights if task_weights is not None and mode in ("case3", "case4") else None
+        self.weights = self.task_weights if task_weights is not None and LOSS_MODES[mode].static_task_weights else None
 
     def coefficients(self, batch, ce, step_counts):
         return token_coefficients(self.mode, batch, step_counts, self.task_weights)

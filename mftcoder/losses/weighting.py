@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+
 import torch
 
 from mftcoder.config.schema import TrainConfig
@@ -11,33 +14,56 @@ from mftcoder.losses.focal import FocalBalancing
 from mftcoder.losses.self_paced import SelfPaced
 
 
+def _static(config: TrainConfig, num_tasks: int, device) -> Balancing:
+    return StaticWeights(config.weighted_loss_mode, config.task_weights, num_tasks, device)
+
+
+def _focal(config: TrainConfig, num_tasks: int, device) -> Balancing:
+    weights = torch.tensor(config.task_weights or [1.0] * num_tasks, dtype=torch.float32, device=device)
+    return FocalBalancing(config.focal_level, config.focal_gamma, weights)
+
+
+def _self_paced(config: TrainConfig, num_tasks: int, device) -> Balancing:
+    return SelfPaced(
+        num_tasks,
+        interval=config.selfpaced_interval,
+        history_length=config.selfpaced_history_length,
+        scale_factor=config.selfpaced_scale_factor,
+        sample_count=config.selfpaced_sample_valid_num * config.per_device_eval_batch_size,
+        seed=config.seed,
+        device=device,
+    )
+
+
+def _coba(config: TrainConfig, num_tasks: int, device) -> Balancing:
+    return CoBa(
+        num_tasks,
+        warmup_steps=config.coba_warmup_steps,
+        history_length=config.coba_history_length,
+        tau=config.coba_tau,
+        update_interval=config.coba_update_interval,
+        sample_count=config.coba_sample_valid_num * config.per_device_eval_batch_size,
+        seed=config.seed,
+        device=device,
+    )
+
+
+# Keyed by the names of `mftcoder.config.loss_modes.LOSS_MODES`.
+BALANCINGS: Mapping[str, Callable[[TrainConfig, int, torch.device | None], Balancing]] = MappingProxyType(
+    {
+        "case1": _static,
+        "case2": _static,
+        "case3": _static,
+        "case4": _static,
+        "focal": _focal,
+        "self_paced": _self_paced,
+        "coba": _coba,
+    }
+)
+
+
 def build_balancing(config: TrainConfig, num_tasks: int, device=None) -> Balancing:
-    mode = config.weighted_loss_mode
-    if mode == "focal":
-        weights = torch.tensor(config.task_weights or [1.0] * num_tasks, dtype=torch.float32, device=device)
-        return FocalBalancing(config.focal_level, config.focal_gamma, weights)
-    if mode == "self_paced":
-        return SelfPaced(
-            num_tasks,
-            interval=config.selfpaced_interval,
-            history_length=config.selfpaced_history_length,
-            scale_factor=config.selfpaced_scale_factor,
-            sample_count=config.selfpaced_sample_valid_num * config.per_device_eval_batch_size,
-            seed=config.seed,
-            device=device,
-        )
-    if mode == "coba":
-        return CoBa(
-            num_tasks,
-            warmup_steps=config.coba_warmup_steps,
-            history_length=config.coba_history_length,
-            tau=config.coba_tau,
-            update_interval=config.coba_update_interval,
-            sample_count=config.coba_sample_valid_num * config.per_device_eval_batch_size,
-            seed=config.seed,
-            device=device,
-        )
-    return StaticWeights(mode, config.task_weights, num_tasks, device)
+    return BALANCINGS[config.weighted_loss_mode](config, num_tasks, device)
 
 
 def balancing_warnings(config: TrainConfig, total_steps: int) -> list[str]:

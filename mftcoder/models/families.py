@@ -27,12 +27,9 @@ cannot wrap a 4-bit layer, so these families refuse QLoRA.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from mftcoder.config.schema import TrainConfig
 from mftcoder.errors import ConfigError, Issue
-
-if TYPE_CHECKING:  # config checks import this module, and the config package imports the checks
-    from mftcoder.config.schema import TrainConfig
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")

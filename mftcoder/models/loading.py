@@ -17,13 +17,22 @@ from mftcoder.models.families import config_issues, family, fused_experts, lora_
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def attention_implementation(requested: str, model_type: str) -> str:
-    if requested != "auto":
-        return requested
+def attention_implementation(model_type: str) -> str:
+    """What `attn_implementation: auto` picks for a model type: flash-attention-2 where it is installed and can
+    run (CUDA), else sdpa, or eager for families whose sdpa path misbehaves."""
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     fam = family(model_type)
     return "eager" if fam and fam.no_sdpa else "sdpa"
+
+
+def resolve_attention(config: TrainConfig) -> str:
+    """The run's attention implementation, decided once at launch: the model loads with it and the data takes
+    the batch layout it needs."""
+    if config.attn_implementation != "auto":
+        return config.attn_implementation
+    model_config = AutoConfig.from_pretrained(config.pretrained_model_path, trust_remote_code=config.trust_remote_code)
+    return attention_implementation(model_config.model_type)
 
 
 def quantization_config(bits: int, dtype: torch.dtype) -> BitsAndBytesConfig:
@@ -58,9 +67,9 @@ def load_quantized(path, quantization: BitsAndBytesConfig, dtype: torch.dtype, *
     return model
 
 
-def load_model(config: TrainConfig, tokenizer, storage_dtype: torch.dtype, source=None):
-    """The base model in `storage_dtype` (its linears in 4/8 bits under QLoRA), embeddings resized to the
-    tokenizer, cache off.
+def load_model(config: TrainConfig, tokenizer, storage_dtype: torch.dtype, attention: str, source=None):
+    """The base model in `storage_dtype` (its linears in 4/8 bits under QLoRA) with the `attention`
+    implementation, embeddings resized to the tokenizer, cache off.
 
     Weights come from `source` (default: pretrained_model_path). Without a source, `model_init:
     from_config` builds seeded random weights, never quantised: bitsandbytes quantises while loading
@@ -72,7 +81,7 @@ def load_model(config: TrainConfig, tokenizer, storage_dtype: torch.dtype, sourc
     if issues:
         raise ConfigError(issues)
     common = {
-        "attn_implementation": attention_implementation(config.attn_implementation, model_config.model_type),
+        "attn_implementation": attention,
         "trust_remote_code": config.trust_remote_code,
     }
     if source is None and config.model_init == "from_config":

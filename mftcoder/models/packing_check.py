@@ -25,7 +25,7 @@ from accelerate.utils import extract_model_from_parallel
 from peft import PeftModel
 
 from mftcoder.data.batching import MODEL_INPUTS, collate_flat, collate_packed, to_device
-from mftcoder.data.dataset import Sample
+from mftcoder.data.sample import Sample
 from mftcoder.errors import ConfigError, Issue
 
 LEADING, PROBE = 32, 16  # tokens of the samples A and B, and of the probe sample C

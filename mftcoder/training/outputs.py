@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 from mftcoder.errors import ConfigError, Issue
 
 RUN_ARTEFACTS = ("config.yaml", "run.json", "base_model", "checkpoints", "final", "best", "merged", "logs")
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def earlier_run_artefacts(output_dir: Path) -> list[str]:
@@ -72,26 +70,3 @@ def publish(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-
-
-def checkpoint_steps(checkpoints: Path) -> list[int]:
-    if not checkpoints.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in checkpoints.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
-
-
-def checkpoint_dir(checkpoints: Path, step: int) -> Path:
-    return checkpoints / f"step-{step}"
-
-
-def rotate_checkpoints(checkpoints: Path, limit: int | None, keep: set[int]) -> list[int]:
-    """Delete the oldest step checkpoints beyond `limit`, never one in `keep` (latest, best)."""
-    if limit is None:
-        return []
-    steps = checkpoint_steps(checkpoints)
-    removable = [s for s in steps if s not in keep]
-    excess = len(steps) - limit
-    doomed = removable[: max(0, excess)]
-    for step in doomed:
-        shutil.rmtree(checkpoint_dir(checkpoints, step))
-    return doomed

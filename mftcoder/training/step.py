@@ -1,0 +1,121 @@
+"""One optimizer step: forward/backward over its micro-batches, clipping, the update and what became of it.
+
+The step prefetches its micro-batches (gradient accumulation) and all-reduces their per-task counts,
+then runs forward/backward per micro-batch with token coefficients from those global counts
+(`mftcoder.losses.modes`), so the objective is that of the whole step on all ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import DistributedType
+
+from mftcoder.config.schema import TrainConfig
+from mftcoder.losses.modes import batch_counts, task_sums, token_losses
+from mftcoder.losses.moe import router_balance_loss
+from mftcoder.training.evaluation import forward_token_losses, model_outputs, to_device
+from mftcoder.training.state import Run
+from mftcoder.training.step_outcome import Outcome, step_outcome
+
+
+@dataclass(frozen=True)
+class StepResult:
+    sums: torch.Tensor  # this rank's contribution to the log window
+    grad_norm: float
+    outcome: Outcome  # the same on every rank
+    loss_scale: float | None  # the fp16 loss scale the step ran with, if any
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Where a batch holds tokens rather than padding: its attention mask, or in pack mode `tokens`."""
+    return (batch["attention_mask"] if "attention_mask" in batch else batch["tokens"]).bool()
+
+
+def optimizer_step(accelerator, config: TrainConfig, run: Run, micro_batches: list[list[int]]) -> StepResult:
+    """Forward/backward over the step's micro-batches (lists of sample indices; empty: this rank's share
+    ran out) and the update."""
+    acc, data, window = accelerator, run.data, run.window
+    num_tasks = len(data.tasks)
+    batches = [data.train.batch(indices, run.pad_id) for indices in micro_batches]
+    local_counts = [batch_counts(b, num_tasks) for b in batches]
+    step_counts = acc.reduce(torch.stack(local_counts).sum(0).to(acc.device), reduction="sum")
+    # accelerate divides by its accumulation steps; DDP averages over ranks: undo both, since the
+    # coefficients already normalise over the whole step.
+    scale = config.gradient_accumulation_steps * acc.num_processes
+    step_sums = window.zeros()
+    for i, (indices, batch) in enumerate(zip(micro_batches, batches, strict=True)):
+        last = i == len(batches) - 1
+        acc.sync_gradients = last
+        with contextlib.nullcontext() if last else acc.no_sync(run.model):
+            batch = to_device(batch, acc.device)
+            if run.moe is None:
+                ce, aux = forward_token_losses(run.model, batch), None
+            else:
+                out = model_outputs(run.model, batch, output_router_logits=True)
+                ce = token_losses(out.logits, batch["targets"])
+                # A rank whose share of the step ran out runs a dummy row without real tokens:
+                # nothing to balance (the formula would be 0/0); a zero tied to the router keeps
+                # the same parameters in every rank's graph.
+                aux = (
+                    router_balance_loss(out.router_logits, run.moe, real_tokens(batch))
+                    if indices
+                    else out.router_logits[0].sum() * 0
+                )
+            coef = run.balancing.coefficients(batch, ce, step_counts)
+            objective = (coef * ce).sum()
+            # The router balance loss of each forward, averaged over the step's forwards on all ranks.
+            loss = objective if aux is None else objective + run.moe.coefficient * aux / scale
+            acc.backward(loss * scale)
+        tokens = data.train.tokens(indices)
+        step_sums += window.micro_batch(
+            objective, task_sums(ce.detach(), batch, num_tasks), local_counts[i][0], tokens,
+            0.0 if aux is None else aux.detach(),
+        )  # fmt: skip
+    grad_norm = float(acc.clip_grad_norm_(run.model.parameters(), config.max_grad_norm or math.inf))
+    # One all-reduce tells every rank whether the step was finite and feeds the step's per-task
+    # train losses to the balancing strategy (focal's task difficulty).
+    step_total = acc.reduce(step_sums.clone(), reduction="sum")
+    loss_finite = math.isfinite(float(step_total[0]))
+    finite = loss_finite and math.isfinite(grad_norm)
+    run.progress.lr = run.optimizer.param_groups[0]["lr"]
+    scale_before = loss_scale(acc, run.model)
+    applied = _update(acc, run, finite)
+    outcome = step_outcome(loss_finite, math.isfinite(grad_norm), applied, scale_before, run.progress.step + 1)
+    if outcome is Outcome.APPLIED:
+        _, task_ce, task_targets, _, _ = window.split(step_total)
+        run.balancing.observe(task_ce, task_targets)
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepResult(step_sums, grad_norm, outcome, scale_before)
+
+
+def _update(accelerator, run: Run, finite: bool) -> bool:
+    """Apply the step's update where this is still to decide; True when it reached the weights."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # The engine already stepped inside the last backward, and skipped the update itself on
+        # non-finite gradients: ask it what it did.
+        return run.model.was_step_applied()
+    if accelerator.scaler is not None:
+        if not finite:
+            # The scaler still closes the step (unscale_ ran in clipping) and lowers its scale, or the next
+            # step would fail.
+            accelerator.scaler.update()
+            return False
+        run.optimizer.step()
+        return not run.optimizer.step_was_skipped
+    if finite:
+        run.optimizer.step()
+    return finite
+
+
+def loss_scale(accelerator, model) -> float | None:
+    """The dynamic fp16 loss scale in use, if any (torch's GradScaler, or DeepSpeed's own)."""
+    if accelerator.scaler is not None:
+        return float(accelerator.scaler.get_scale())
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and model.fp16_enabled():
+        return float(model.optimizer.loss_scale)
+    return None
