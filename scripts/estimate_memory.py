@@ -1,7 +1,7 @@
 """Memory per GPU of a fine-tuning run under each Accelerate preset, from the model's config.
 
     python scripts/estimate_memory.py configs/train/codellama_34b_qlora.yaml --gpus 8 [--nodes 1]
-    python scripts/estimate_memory.py --readme     # the table in the README's "Running at scale"
+    python scripts/estimate_memory.py --table      # the table in docs/memory.md
 
 Parameter counts are exact: the model is built on the meta device from its config (no weights are
 read or allocated). The config comes from the model directory or the local Hugging Face cache,
@@ -275,10 +275,10 @@ def script_preset(config_name: str) -> str:
     raise SystemExit(f"error: no script in scripts/ launches configs/train/{config_name}.yaml")
 
 
-README_COLUMNS = ("ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
+TABLE_COLUMNS = ("ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
 
 
-def readme_table(gpus: int = 8) -> str:
+def memory_table(gpus: int = 8) -> str:
     """One row per shipped model config: its script's preset, and GiB per GPU under each strategy."""
     rows = [
         "| train config | parameters | mode | script's preset | DDP | ZeRO-2 | ZeRO-3 / FSDP2 "
@@ -291,11 +291,11 @@ def readme_table(gpus: int = 8) -> str:
             continue  # the demo
         run = Run.from_train_config(raw)
         sizes = model_sizes(model_config(raw["pretrained_model_path"]), run)
-        cells = {p: estimate(sizes, run, p, gpus, gpus) for p in README_COLUMNS}
+        cells = {p: estimate(sizes, run, p, gpus, gpus) for p in TABLE_COLUMNS}
         offload = cells["deepspeed_zero3_offload"]
         rows.append(
             f"| `{path.stem}` | {sizes.params / 1e9:.1f}B | {run.mode} | `{script_preset(path.stem)}` | "
-            + " | ".join(_gib(cells[p]["total"]) for p in README_COLUMNS[:3])
+            + " | ".join(_gib(cells[p]["total"]) for p in TABLE_COLUMNS[:3])
             + f" | {_gib(offload['total'])} ({_gib(offload['cpu_per_node'])}) |"
         )
     return "\n".join(rows)
@@ -308,14 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", type=Path, help="a train config (YAML)")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--readme", action="store_true", help="print the README table (every shipped config, 8 GPUs)")
+    parser.add_argument(
+        "--table", action="store_true", help="print the table of docs/memory.md (every shipped config, 8 GPUs)"
+    )
     args = parser.parse_args(argv)
-    if args.readme:
-        print(readme_table())
+    if args.table:
+        print(memory_table())
     elif args.config:
         print(report(args.config, args.gpus, args.nodes))
     else:
-        parser.error("give a train config, or --readme")
+        parser.error("give a train config, or --table")
     return 0
 
 
