@@ -1,4 +1,4 @@
-"""Console entry: `mftcoder train | validate | preprocess | merge | plot`. A thin shell over plain functions.
+"""Console entry: `mftcoder train | validate | preprocess | merge | generate | plot`. A thin shell over plain functions.
 
 Only mftcoder's own errors are caught and printed as one message (on the main process); any other
 exception is a bug and keeps its traceback.
@@ -69,6 +69,49 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from mftcoder.errors import GenerateError
+    from mftcoder.generate import Settings, chat, check_output, generate_file, load_generator, read_prompts
+
+    settings = Settings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        n=args.n,
+        stop=tuple(args.stop or ()),
+        seed=args.seed,
+    )
+    # Everything that can be checked without the model is checked before loading it.
+    settings.check()
+    if (args.input is None) != (args.output is None):
+        raise GenerateError("--input and --output go together (without them: an interactive chat on stdin)")
+    if args.limit is not None and args.limit < 1:
+        raise GenerateError(f"--limit must be at least 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise GenerateError(f"--batch-size must be at least 1, got {args.batch_size}")
+    prompts = None
+    if args.input is not None:
+        check_output(args.output, args.overwrite)
+        prompts = read_prompts(args.input, args.limit)
+    generator = load_generator(args.model, base=args.base, dtype=args.dtype, device=args.device)
+    print(f"generating with {generator.description}", file=sys.stderr)
+    for note in generator.notes:
+        print(note, file=sys.stderr)
+    if prompts is None:
+        chat(generator, settings, system=args.system)
+        return 0
+    output = generate_file(
+        generator,
+        prompts,
+        args.output,
+        settings,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
 def cmd_plot(args) -> int:
     from mftcoder.plotting import plot_run
 
@@ -114,6 +157,36 @@ def build_parser() -> argparse.ArgumentParser:
         "on the demo model the logits move by up to 0.14)",
     )
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("generate", help="generate with a trained model: a batch from a data file, or a chat on stdin")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a merged or full model directory, an adapter directory (OUTPUT_DIR/final, OUTPUT_DIR/best), "
+        "or a run's OUTPUT_DIR (its final/)",
+    )
+    p.add_argument("--base", help="the adapter's base model (default: the base recorded in the adapter)")
+    p.add_argument("--input", help="prompts: JSONL (or .json, .gz, a directory) in any format training reads")
+    p.add_argument("--output", help="JSONL file for the completions (written when all are done)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="default: %(default)s")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    p.add_argument("--n", type=int, default=1, help="completions per prompt (with --temperature > 0)")
+    p.add_argument(
+        "--stop", action="append", metavar="TEXT", help="cut a completion at this text (repeatable); finish: stop"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call, left-padded (default: 8)")
+    p.add_argument("--seed", type=int, help="seed for sampling: the same seed gives the same completions")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N records of --input")
+    p.add_argument("--system", help="system prompt of the interactive chat")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
+        help="weights dtype (default: fp32 on CPU, bf16 or fp16 on a GPU)",
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plot", help="PNG charts of a run's per-task losses and weights, into OUTPUT_DIR/logs")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's output directory")

@@ -52,3 +52,7 @@ class MergeError(MFTCoderError):
 
 class TrainingError(MFTCoderError):
     """Training cannot go on (non-finite losses, a final save that failed); says where and why."""
+
+
+class GenerateError(MFTCoderError):
+    """A model cannot be loaded for generation, or the generation settings are invalid."""

@@ -18,6 +18,11 @@ Formats, and the order in which `auto` tries them (the first whose keys are pres
 Alpaca is tried before the pairs: MFTCoder would read {instruction, input, output} as the pair
 input+output and lose the instruction. Preference records (chosen/rejected) are refused by name.
 Other keys (id, data_name, ...) are ignored.
+
+Prompts for generation (`answer_required=False`): the same formats, detected the same way when the
+answer is there; a record without one is a conversation ending with a user turn, an Alpaca
+instruction (and input) without output, or a pair's prompt key alone (prompt, input, question,
+query) — it must still hold a user turn.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ PAIR_KEYS = (
 CHAT_KEYS = {"chat_rounds": ("role", "content"), "messages": ("role", "content"), "sharegpt": ("from", "value")}
 LIST_KEY = {"chat_rounds": "chat_rounds", "messages": "messages", "sharegpt": "conversations"}
 FORMATS = ("chat_rounds", "messages", "sharegpt", "alpaca", "prompt_answer", "text")
+PROMPT_KEYS = tuple(dict.fromkeys(p for p, _ in PAIR_KEYS if p != "instruction"))  # alone, without an answer
 
 Message = dict[str, str]
 
@@ -93,7 +99,7 @@ def _optional_system(obj: Mapping) -> list[Message]:
 
 
 def _conversation(
-    turns: object, list_field: str, role_key: str, content_key: str, system: list[Message]
+    turns: object, list_field: str, role_key: str, content_key: str, system: list[Message], answer_required: bool
 ) -> list[Message]:
     """Validate a list of turns and return the canonical messages (system turns given first)."""
     if not isinstance(turns, list) or not turns:
@@ -127,45 +133,57 @@ def _conversation(
                 f"{field}.{role_key}", f"expected the {expected} turn here, got {role} (turns alternate, user first)"
             )
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+    if not answer_required:
+        if not any(m["role"] == "user" for m in messages):
+            raise BadRecord(list_field, "no user turn, so no prompt")
+    elif not any(m["role"] == "assistant" for m in messages):
         raise BadRecord(list_field, "no assistant turn, so nothing to learn from")
     return messages
 
 
-def _pair(obj: Mapping, prompt_key: str, answer_key: str) -> list[Message]:
-    return [
-        *_optional_system(obj),
-        {"role": "user", "content": _string(obj, prompt_key)},
-        {"role": "assistant", "content": _string(obj, answer_key)},
-    ]
+def _answer(obj: Mapping, key: str | None) -> list[Message]:
+    return [{"role": "assistant", "content": _string(obj, key)}] if key is not None else []
 
 
-def _alpaca(obj: Mapping) -> list[Message]:
+def _pair(obj: Mapping, prompt_key: str, answer_key: str | None) -> list[Message]:
+    return [*_optional_system(obj), {"role": "user", "content": _string(obj, prompt_key)}, *_answer(obj, answer_key)]
+
+
+def _alpaca(obj: Mapping, answer_required: bool) -> list[Message]:
     instruction = _string(obj, "instruction")
     extra = _string(obj, "input", allow_empty=True) if obj.get("input") is not None else ""
     prompt = f"{instruction}\n{extra}" if extra else instruction
-    return [
-        *_optional_system(obj),
-        {"role": "user", "content": prompt},
-        {"role": "assistant", "content": _string(obj, "output")},
-    ]
+    answer = "output" if answer_required or "output" in obj else None
+    return [*_optional_system(obj), {"role": "user", "content": prompt}, *_answer(obj, answer)]
 
 
-def _matches(obj: Mapping, fmt: str) -> bool:
+def _matches(obj: Mapping, fmt: str, answer_required: bool = True) -> bool:
     if fmt in LIST_KEY:
         return LIST_KEY[fmt] in obj
     if fmt == "alpaca":
-        return "instruction" in obj and "output" in obj
+        return "instruction" in obj and ("output" in obj or not answer_required)
     if fmt == "prompt_answer":
+        if not answer_required and any(p in obj for p in PROMPT_KEYS):
+            return True
         return any(p in obj and a in obj for p, a in PAIR_KEYS)
     return fmt in obj  # text
 
 
-def detect(obj: Mapping) -> str:
+def detect(obj: Mapping, answer_required: bool = True) -> str:
+    """The format of a record; without `answer_required`, a prompt alone is tried once no full record matched."""
     for fmt in FORMATS:
         if _matches(obj, fmt):
             return fmt
     keys = ", ".join(sorted(obj)) or "none"
+    if not answer_required:
+        for fmt in FORMATS:
+            if _matches(obj, fmt, answer_required=False):
+                return fmt
+        raise BadRecord(
+            "record",
+            f"no user prompt (keys: {keys}); expected chat_rounds, messages or conversations with a user turn, "
+            f"instruction (Alpaca), or a prompt key: {', '.join(PROMPT_KEYS)}",
+        )
     raise BadRecord(
         "record",
         f"no known format (keys: {keys}); expected chat_rounds, messages, conversations (ShareGPT), "
@@ -173,18 +191,21 @@ def detect(obj: Mapping) -> str:
     )
 
 
-def _required_keys(fmt: str) -> str:
+def _required_keys(fmt: str, answer_required: bool = True) -> str:
     if fmt in LIST_KEY:
         return LIST_KEY[fmt]
     if fmt == "alpaca":
-        return "instruction and output"
+        return "instruction and output" if answer_required else "instruction"
     if fmt == "prompt_answer":
-        return " or ".join(f"{p}+{a}" for p, a in PAIR_KEYS)
+        return " or ".join(f"{p}+{a}" for p, a in PAIR_KEYS) if answer_required else " or ".join(PROMPT_KEYS)
     return "text"
 
 
-def parse_record(obj: object, fmt: str = "auto") -> Parsed:
-    """The canonical content of one record; `fmt` forces a format (`auto`: detect it)."""
+def parse_record(obj: object, fmt: str = "auto", *, answer_required: bool = True) -> Parsed:
+    """The canonical content of one record; `fmt` forces a format (`auto`: detect it).
+
+    `answer_required=False` reads prompts for generation: the answer (the last assistant turn) may be
+    missing, a user turn may not; records that hold an answer read exactly as with the default."""
     if not isinstance(obj, dict):
         raise BadRecord("record", f"expected a JSON object, got {_type(obj)}")
     if "chosen" in obj and "rejected" in obj:
@@ -194,17 +215,21 @@ def parse_record(obj: object, fmt: str = "auto") -> Parsed:
             "records (chat_rounds, messages, conversations, instruction/output, prompt/answer pairs, text)",
         )
     if fmt == "auto":
-        fmt = detect(obj)
-    elif not _matches(obj, fmt):
+        fmt = detect(obj, answer_required)
+    elif not _matches(obj, fmt, answer_required):
         keys = ", ".join(sorted(obj)) or "none"
-        raise BadRecord("record", f"format {fmt} needs {_required_keys(fmt)} (the record has keys: {keys})")
+        needs = _required_keys(fmt, answer_required)
+        raise BadRecord("record", f"format {fmt} needs {needs} (the record has keys: {keys})")
     if fmt in CHAT_KEYS:
         role_key, content_key = CHAT_KEYS[fmt]
         system = _optional_system(obj)
-        return Parsed(fmt, _conversation(obj[LIST_KEY[fmt]], LIST_KEY[fmt], role_key, content_key, system))
+        turns = obj[LIST_KEY[fmt]]
+        return Parsed(fmt, _conversation(turns, LIST_KEY[fmt], role_key, content_key, system, answer_required))
     if fmt == "alpaca":
-        return Parsed(fmt, _alpaca(obj))
+        return Parsed(fmt, _alpaca(obj, answer_required))
     if fmt == "prompt_answer":
-        prompt_key, answer_key = next((p, a) for p, a in PAIR_KEYS if p in obj and a in obj)
-        return Parsed(fmt, _pair(obj, prompt_key, answer_key))
+        pair = next(((p, a) for p, a in PAIR_KEYS if p in obj and a in obj), None)
+        if pair is None:  # a prompt alone (answer_required is False)
+            pair = (next(p for p in PROMPT_KEYS if p in obj), None)
+        return Parsed(fmt, _pair(obj, *pair))
     return Parsed(fmt, [], _string(obj, "text"))

@@ -163,8 +163,12 @@ def _file_items(path: Path, bad: BadRecords) -> Iterator[tuple[str, object]]:
         raise DataError(f"{path}: cannot read the file ({err})") from None
 
 
-def read_task(entry: str | Path | DataSource, bad: BadRecords | None = None) -> TaskRecords:
-    """Every usable record of one task, in file order; bad ones go to `bad` (strict when None)."""
+def read_task(
+    entry: str | Path | DataSource, bad: BadRecords | None = None, *, answer_required: bool = True
+) -> TaskRecords:
+    """Every usable record of one task, in file order; bad ones go to `bad` (strict when None).
+
+    `answer_required=False` reads prompts for generation (see `parse_record`)."""
     source = as_source(entry)
     bad = bad if bad is not None else BadRecords()
     records: list[Record] = []
@@ -177,7 +181,7 @@ def read_task(entry: str | Path | DataSource, bad: BadRecords | None = None) -> 
         for where, obj in items:
             found = True
             try:
-                parsed = parse_record(obj, source.format)
+                parsed = parse_record(obj, source.format, answer_required=answer_required)
             except BadRecord as err:
                 bad.add(DataError(f"{where}: {err}"))
                 continue
