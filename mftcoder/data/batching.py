@@ -75,6 +75,9 @@ def _rows(rows: Sequence[Sequence[Sample]], pad_id: int) -> dict[str, np.ndarray
     return {
         "input_ids": input_ids,
         "targets": targets,
+        # The targets at the loss mask, in its (row-major) order: what the logits rows of the targets
+        # are scored against, selected here so that the device never waits to learn how many there are.
+        "target_ids": targets[loss_mask],
         "loss_mask": loss_mask,
         "task_ids": task_ids,
         "sample_ids": sample_ids,
@@ -91,9 +94,13 @@ MODEL_INPUTS = (
 
 
 def to_device(batch: dict[str, torch.Tensor | int], device: torch.device) -> dict[str, torch.Tensor | int]:
-    """Tensors to `device`; plain ints (flash-attention's max lengths) stay on the host."""
+    """Tensors to `device`; plain ints (flash-attention's max lengths) stay on the host. To a GPU through
+    pinned memory: only a copy from pinned memory runs asynchronously, behind the work already queued."""
+    pinned = device.type == "cuda"
     return {
-        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        key: (value.pin_memory() if pinned else value).to(device, non_blocking=pinned)
+        if isinstance(value, torch.Tensor)
+        else value
         for key, value in batch.items()
     }
 
@@ -102,7 +109,7 @@ def _tensors(arrays: dict[str, np.ndarray], keys: Sequence[str]) -> dict[str, to
     return {key: torch.from_numpy(arrays[key]) for key in keys}
 
 
-_LOSS_KEYS = ("input_ids", "targets", "loss_mask", "task_ids", "sample_ids")
+_LOSS_KEYS = ("input_ids", "targets", "target_ids", "loss_mask", "task_ids", "sample_ids")
 
 
 def collate(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:

@@ -18,39 +18,83 @@ has no tokens and contributes nothing; a zero count never divides (no NaN).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 MODES = ("case1", "case2", "case3", "case4")
 
 
-def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy in fp32, shape of `targets`."""
-    flat = logits.reshape(-1, logits.shape[-1]).float()
-    return F.cross_entropy(flat, targets.reshape(-1), reduction="none").view_as(targets)
+# fp32 elements of one chunk of logits in the cross-entropy (64 MiB): the fp32 copy of the logits never
+# exists whole, whatever the vocabulary.
+CHUNK_ELEMENTS = 1 << 24
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """CE of logit rows [N, V] (any float dtype) against targets [N], in fp32, chunk by chunk.
+
+    Saved for backward: the logits as they are and one log-sum-exp per row; the softmax is recomputed
+    per chunk in backward. `F.cross_entropy` on upcast logits would keep an fp32 [N, V] copy and its
+    log-softmax until backward."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        picked = torch.empty_like(lse)
+        for start in range(0, logits.shape[0], rows):
+            chunk = logits[start : start + rows].float()
+            lse[start : start + rows] = torch.logsumexp(chunk, dim=-1)
+            picked[start : start + rows] = chunk.gather(1, targets[start : start + rows, None])[:, 0]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.rows = rows
+        return lse - picked
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.rows):
+            part = slice(start, start + ctx.rows)
+            probs = torch.exp(logits[part].float() - lse[part, None])
+            probs.scatter_add_(1, targets[part, None], torch.full_like(probs[:, :1], -1.0))
+            grad_logits[part] = probs * grad[part, None]
+        return grad_logits, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy in fp32 of logit rows [N, V] against targets [N] (all of them real targets)."""
+    return _CrossEntropy.apply(logits, targets, max(1, CHUNK_ELEMENTS // logits.shape[-1]))
+
+
+def token_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token cross-entropy in fp32, [B, L]: at the batch's targets, 0 elsewhere. `logits` are either
+    the rows of the target positions only ([N, V], in `loss_mask` order) or every position's ([B, L, V])."""
+    mask = batch["loss_mask"]
+    rows = logits if logits.dim() == 2 else logits[mask]
+    ce = cross_entropy(rows, batch["target_ids"])
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, ce)
+
+
+# Sums over the targets add every position with the off-target ones zeroed, rather than select the
+# targets by the mask: a selection's size is data-dependent, and a GPU would stop to tell the host.
 
 
 def _sample_token_counts(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets per sample, task of each sample), indexed by `sample_ids`."""
-    mask = batch["loss_mask"]
-    ids = batch["sample_ids"][mask]
-    size = batch["sample_ids"].numel()
-    counts = torch.zeros(size, dtype=torch.float32, device=mask.device).index_add_(
-        0, ids, torch.ones_like(ids, dtype=torch.float32)
+    mask = batch["loss_mask"].flatten()
+    ids = batch["sample_ids"].flatten().clamp(min=0)  # padding (-1) adds nothing below
+    size = ids.numel()
+    counts = torch.zeros(size, dtype=torch.float32, device=mask.device).index_add_(0, ids, mask.float())
+    # A sample's targets all carry its task: the largest of its masked task ids (off-target positions count 0).
+    tasks = torch.zeros(size, dtype=torch.long, device=mask.device).scatter_reduce_(
+        0, ids, batch["task_ids"].flatten() * mask, reduce="amax"
     )
-    tasks = torch.zeros(size, dtype=torch.long, device=mask.device).scatter_(0, ids, batch["task_ids"][mask])
     return counts, tasks
 
 
 def batch_counts(batch: dict[str, torch.Tensor], num_tasks: int) -> torch.Tensor:
     """[2, T]: targets per task, and samples with at least one target per task, in one micro-batch."""
-    mask = batch["loss_mask"]
-    tokens = torch.zeros(num_tasks, dtype=torch.float32, device=mask.device).index_add_(
-        0, batch["task_ids"][mask], torch.ones_like(batch["task_ids"][mask], dtype=torch.float32)
-    )
+    tokens = task_sums(torch.ones_like(batch["loss_mask"], dtype=torch.float32), batch, num_tasks)
     per_sample, sample_task = _sample_token_counts(batch)
-    present = per_sample > 0
-    samples = torch.zeros(num_tasks, dtype=torch.float32, device=mask.device).index_add_(
-        0, sample_task[present], torch.ones_like(sample_task[present], dtype=torch.float32)
+    samples = torch.zeros(num_tasks, dtype=torch.float32, device=per_sample.device).index_add_(
+        0, sample_task, (per_sample > 0).float()
     )
     return torch.stack([tokens, samples])
 
@@ -90,8 +134,9 @@ def token_coefficients(
 
 
 def task_sums(values: torch.Tensor, batch: dict[str, torch.Tensor], num_tasks: int) -> torch.Tensor:
-    """Sum of `values` over the target tokens of each task, [T]."""
-    mask = batch["loss_mask"]
+    """Sum of `values` over the target tokens of each task, [T] (what `values` hold elsewhere, even NaN, is
+    left out)."""
+    masked = torch.where(batch["loss_mask"], values.float(), 0.0)
     return torch.zeros(num_tasks, dtype=torch.float32, device=values.device).index_add_(
-        0, batch["task_ids"][mask], values[mask].float()
+        0, batch["task_ids"].flatten(), masked.flatten()
     )

@@ -8,6 +8,7 @@ import torch
 
 from mftcoder.data.batching import MODEL_INPUTS, Split, rank_micro_batches, to_device
 from mftcoder.losses.modes import task_sums, token_losses
+from mftcoder.models.logits import logits_at_mask
 from mftcoder.training.metrics import per_task
 
 
@@ -29,18 +30,23 @@ class Evaluation:
 
 
 def model_outputs(model, batch: dict[str, torch.Tensor], **options):
-    """The model's output on one collated batch (already on the model's device).
+    """The model's output on one collated batch (already on the model's device); its logits are those of
+    the targets only ([N, V] in `loss_mask` order) where the model can compute them so.
 
     Never with a cache: transformers derives the block-diagonal mask of a packed batch from its
     position ids only when there is neither an attention mask nor a cache, and a model's default
     `use_cache=True` would create one even in training."""
     inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+    if logits_at_mask(model):
+        # Only the targets' logits: the output head and the cross-entropy skip prompts, padding and
+        # the last token of every packed sample.
+        options["logits_to_keep"] = batch["loss_mask"]
     return model(**inputs, use_cache=False, **options)
 
 
 def forward_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token CE of one collated batch (already on the model's device)."""
-    return token_losses(model_outputs(model, batch).logits, batch["targets"])
+    """Per-token CE of one collated batch (already on the model's device): fp32 at its targets, 0 elsewhere."""
+    return token_losses(model_outputs(model, batch).logits, batch)
 
 
 @torch.no_grad()

@@ -58,9 +58,15 @@ class TrainWindow:
         self.grad_norms.append(grad_norm)
         self.weights = weights
 
-    def split(self, reduced: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor, int, float]:
+    def task_parts(self, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(task CE sums, task target counts) of a vector in the layout of `sums`, left on its device."""
         t = self.num_tasks
-        return float(reduced[0]), reduced[1 : 1 + t], reduced[1 + t : 1 + 2 * t], int(reduced[-2]), float(reduced[-1])
+        return vector[1 : 1 + t], vector[1 + t : 1 + 2 * t]
+
+    def split(self, reduced: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor, int, float]:
+        """Every part of a vector in the layout of `sums`, the scalars read to the host."""
+        task_ce, task_targets = self.task_parts(reduced)
+        return float(reduced[0]), task_ce, task_targets, int(reduced[-2]), float(reduced[-1])
 
     def state_dict(self) -> dict:
         weights = None if self.weights is None else self.weights.cpu()

@@ -17,6 +17,7 @@ from mftcoder.data.tokenizer import load_tokenizer
 from mftcoder.losses.moe import router_balance
 from mftcoder.losses.weighting import balancing_warnings, build_balancing
 from mftcoder.models.loading import cast_trainable, load_model, resolve_attention, wrap_lora
+from mftcoder.models.logits import base_class, logits_at_mask
 from mftcoder.models.packing_check import check_packed_isolation
 from mftcoder.training import outputs
 from mftcoder.training.checkpoint import SHARDED_STATE, Checkpointer, data_fingerprint, load_weights
@@ -153,6 +154,12 @@ def _build_run(
     acc = accelerator
     balancing = build_balancing(config, len(data.tasks), acc.device)
     model = build_model(config, acc, checkpointer, tokenizer, attention)
+    if not logits_at_mask(model):
+        acc.print(
+            f"note: {base_class(model).__name__} cannot compute logits at the target positions only (its forward "
+            "does not slice by a boolean logits_to_keep): it computes them everywhere, the loss takes the targets' "
+            "rows. Same loss, more compute and memory"
+        )
     moe = router_balance(model.config)
     # Before `prepare`, every rank loads the same files. A model that ZeRO-3 built partitioned cannot
     # take them (its parameters are empty shards): DeepSpeed's own checkpoint in state/ restores the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ class StepResult:
     grad_norm: float
     outcome: Outcome  # the same on every rank
     loss_scale: float | None  # the fp16 loss scale the step ran with, if any
+    stop_requested: bool  # a process received a stop signal (the same on every rank)
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -35,9 +37,16 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["attention_mask"] if "attention_mask" in batch else batch["tokens"]).bool()
 
 
-def optimizer_step(accelerator, config: TrainConfig, run: Run, micro_batches: list[list[int]]) -> StepResult:
+def optimizer_step(
+    accelerator,
+    config: TrainConfig,
+    run: Run,
+    micro_batches: list[list[int]],
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> StepResult:
     """Forward/backward over the step's micro-batches (lists of sample indices; empty: this rank's share
-    ran out) and the update."""
+    ran out) and the update. `stop_requested`: whether this process has received a stop signal, asked
+    after the backward passes; the ranks learn together whether any did, with the step's own reads."""
     acc, data, window = accelerator, run.data, run.window
     num_tasks = len(data.tasks)
     batches = [data.train.batch(indices, run.pad_id) for indices in micro_batches]
@@ -56,7 +65,7 @@ def optimizer_step(accelerator, config: TrainConfig, run: Run, micro_batches: li
                 ce, aux = forward_token_losses(run.model, batch), None
             else:
                 out = model_outputs(run.model, batch, output_router_logits=True)
-                ce = token_losses(out.logits, batch["targets"])
+                ce = token_losses(out.logits, batch)
                 # A rank whose share of the step ran out runs a dummy row without real tokens:
                 # nothing to balance (the formula would be 0/0); a zero tied to the router keeps
                 # the same parameters in every rank's graph.
@@ -75,22 +84,25 @@ def optimizer_step(accelerator, config: TrainConfig, run: Run, micro_batches: li
             objective, task_sums(ce.detach(), batch, num_tasks), local_counts[i][0], tokens,
             0.0 if aux is None else aux.detach(),
         )  # fmt: skip
-    grad_norm = float(acc.clip_grad_norm_(run.model.parameters(), config.max_grad_norm or math.inf))
+    norm = acc.clip_grad_norm_(run.model.parameters(), config.max_grad_norm or math.inf)
     # One all-reduce tells every rank whether the step was finite and feeds the step's per-task
     # train losses to the balancing strategy (focal's task difficulty).
     step_total = acc.reduce(step_sums.clone(), reduction="sum")
-    loss_finite = math.isfinite(float(step_total[0]))
+    stops = acc.reduce(torch.tensor(float(stop_requested()), dtype=torch.float64, device=acc.device), reduction="sum")
+    # The step's one read on the host: whether to update, and whether to stop, are decided there.
+    norm = torch.as_tensor(norm, device=acc.device).double()
+    total_loss, grad_norm, stops = torch.stack([step_total[0], norm, stops]).tolist()
+    loss_finite = math.isfinite(total_loss)
     finite = loss_finite and math.isfinite(grad_norm)
     run.progress.lr = run.optimizer.param_groups[0]["lr"]
     scale_before = loss_scale(acc, run.model)
     applied = _update(acc, run, finite)
     outcome = step_outcome(loss_finite, math.isfinite(grad_norm), applied, scale_before, run.progress.step + 1)
     if outcome is Outcome.APPLIED:
-        _, task_ce, task_targets, _, _ = window.split(step_total)
-        run.balancing.observe(task_ce, task_targets)
+        run.balancing.observe(*window.task_parts(step_total))
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return StepResult(step_sums, grad_norm, outcome, scale_before)
+    return StepResult(step_sums, grad_norm, outcome, scale_before, stops > 0)
 
 
 def _update(accelerator, run: Run, finite: bool) -> bool:

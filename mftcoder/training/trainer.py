@@ -12,10 +12,10 @@ weights, the optimizer and scheduler, every rank's RNG and partial log window, a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from mftcoder.config.schema import TrainConfig
@@ -94,13 +94,11 @@ class Trainer:
         stop_early = signalled = False
         with StopRequest() as stop_request:
             for epoch, index, steps in self._positions():
-                self._train_step(steps[index])
+                # Decided together, within the step: the signal may have reached only some ranks, and every
+                # rank must take the same way out (a checkpoint, or the end of the run).
+                signalled = self._train_step(steps[index], lambda: stop_request.received is not None)
                 bar.update(1)
                 stop_early = self._after_step(epoch + (index + 1) / len(steps), index == len(steps) - 1, bar)
-                # Decided together: the signal may have reached only some ranks, and every rank must
-                # take the same way out (a checkpoint, or the end of the run).
-                received = torch.tensor(float(stop_request.received is not None), device=acc.device)
-                signalled = float(acc.reduce(received, reduction="sum")) > 0
                 if stop_early or p.step >= total or signalled:
                     break
             bar.close()
@@ -117,14 +115,15 @@ class Trainer:
             self.run.metrics.close()
             return stop_request.name or "signal"
 
-    def _train_step(self, micro_batches: list[list[int]]) -> None:
-        """One optimizer step and its counters; a non-finite one is counted (or stops the run)."""
+    def _train_step(self, micro_batches: list[list[int]], stop_requested: Callable[[], bool]) -> bool:
+        """One optimizer step and its counters; a non-finite one is counted (or stops the run). True when a
+        process received a stop signal."""
         run = self.run
         p = run.progress
         # Logged with the step: the validation update after it sets the next step's weights.
         weights = None if run.balancing.weights is None else run.balancing.weights.clone()
         started = time.perf_counter()
-        result = optimizer_step(self.accelerator, self.config, run, micro_batches)
+        result = optimizer_step(self.accelerator, self.config, run, micro_batches, stop_requested)
         p.train_seconds += time.perf_counter() - started
         p.step += 1
         if result.outcome is Outcome.APPLIED:
@@ -134,6 +133,7 @@ class Trainer:
             self._overflow(result)
         else:
             self._non_finite(micro_batches)
+        return result.stop_requested
 
     def _overflow(self, result: StepResult) -> None:
         p = self.run.progress
