@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO, launch_env
 
 from mftcoder.config import dump_config
@@ -17,6 +18,7 @@ from mftcoder.training.launch import (
     DEEPSPEED_CPU_ADAMW,
     Launcher,
     _deepspeed_precision,
+    build_accelerator,
     check_launcher,
     deepspeed_plugin,
     optimizer_in_use,
@@ -254,3 +256,11 @@ def test_a_launcher_that_disagrees_with_the_config_stops_with_a_clear_error(
     assert len(reports) == 1 and reports[0].split(": ", 1)[1].startswith(problem), console[-3000:]
     assert "[rank0]: Traceback" not in console and "[rank1]: Traceback" not in console, console[-3000:]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns_that_fp32_is_faster(monkeypatch, tiny_config, capsys, native):
+    # What the CPU can do is the hardware's: the test decides it.
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    build_accelerator(tiny_config(dtype="bf16"))
+    assert ("bf16 on a CPU without native bf16" in capsys.readouterr().out) != native

@@ -131,6 +131,24 @@ def test_chunked_cross_entropy_equals_torch_in_value_and_gradient(monkeypatch, d
     torch.testing.assert_close(ours.grad, theirs.grad)
 
 
+def test_chunked_cross_entropy_writes_its_gradient_over_computed_logits_only(monkeypatch):
+    """Logits an op computed (as the output head does) hold their gradient afterwards; a leaf keeps its values."""
+    monkeypatch.setattr(modes, "CHUNK_ELEMENTS", 12)
+    torch.manual_seed(0)
+    weight = torch.randn(3, 6, requires_grad=True)
+    hidden = torch.randn(5, 3)
+    targets = torch.tensor([0, 5, 2, 2, 1])
+    logits = hidden @ weight
+    modes.cross_entropy(logits, targets).sum().backward()
+    reference = weight.detach().clone().requires_grad_()
+    torch.nn.functional.cross_entropy(hidden @ reference, targets, reduction="sum").backward()
+    torch.testing.assert_close(weight.grad, reference.grad)
+    leaf = torch.randn(5, 6, requires_grad=True)
+    kept = leaf.detach().clone()
+    modes.cross_entropy(leaf, targets).sum().backward()
+    assert torch.equal(leaf.detach(), kept)
+
+
 def test_chunked_cross_entropy_passes_gradcheck(monkeypatch):
     monkeypatch.setattr(modes, "CHUNK_ELEMENTS", 10)
     logits = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)

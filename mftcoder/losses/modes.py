@@ -31,8 +31,10 @@ class _CrossEntropy(torch.autograd.Function):
     """CE of logit rows [N, V] (any float dtype) against targets [N], in fp32, chunk by chunk.
 
     Saved for backward: the logits as they are and one log-sum-exp per row; the softmax is recomputed
-    per chunk in backward. `F.cross_entropy` on upcast logits would keep an fp32 [N, V] copy and its
-    log-softmax until backward."""
+    per chunk in backward, and the gradient is written over the logits, which nothing needs after this
+    backward (a graph node that saved them would fail on their changed version rather than compute with
+    them). `F.cross_entropy` on upcast logits would keep an fp32 [N, V] copy and its log-softmax until
+    backward, then allocate the gradient beside them."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
@@ -44,12 +46,14 @@ class _CrossEntropy(torch.autograd.Function):
             picked[start : start + rows] = chunk.gather(1, targets[start : start + rows, None])[:, 0]
         ctx.save_for_backward(logits, targets, lse)
         ctx.rows = rows
+        # Logits a caller passed in as a leaf are theirs to keep: those get a gradient of their own.
+        ctx.overwrite = logits.grad_fn is not None
         return lse - picked
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, targets, lse = ctx.saved_tensors
-        grad_logits = torch.empty_like(logits)
+        grad_logits = logits if ctx.overwrite else torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.rows):
             part = slice(start, start + ctx.rows)
             probs = torch.exp(logits[part].float() - lse[part, None])

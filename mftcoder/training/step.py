@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
 
 from mftcoder.config.schema import TrainConfig
 from mftcoder.losses.modes import batch_counts, task_sums, token_losses
@@ -90,7 +91,8 @@ def optimizer_step(
     step_total = acc.reduce(step_sums.clone(), reduction="sum")
     stops = acc.reduce(torch.tensor(float(stop_requested()), dtype=torch.float64, device=acc.device), reduction="sum")
     # The step's one read on the host: whether to update, and whether to stop, are decided there.
-    norm = torch.as_tensor(norm, device=acc.device).double()
+    # FSDP2 returns the norm as a (replicated) DTensor, which only reads out whole.
+    norm = torch.as_tensor(norm.full_tensor() if isinstance(norm, DTensor) else norm, device=acc.device).double()
     total_loss, grad_norm, stops = torch.stack([step_total[0], norm, stops]).tolist()
     loss_finite = math.isfinite(total_loss)
     finite = loss_finite and math.isfinite(grad_norm)
