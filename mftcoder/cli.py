@@ -1,4 +1,4 @@
-"""Console entry: `mftcoder train | validate | preprocess | merge | generate | plot`. A thin shell over plain functions.
+"""Console entry: `mftcoder train | validate | preprocess | merge | generate | eval | plot`. A thin shell over plain functions.
 
 Only mftcoder's own errors are caught and printed as one message (on the main process); any other
 exception is a bug and keeps its traceback.
@@ -112,6 +112,100 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from mftcoder.errors import EvalError
+
+    if args.run is not None:
+        return _eval_run(args)
+    if args.benchmark is None:
+        raise EvalError("give a benchmark (mftcoder eval humaneval --model PATH) or --run OUTPUT_DIR")
+    if args.model is None:
+        raise EvalError(f"mftcoder eval {args.benchmark} needs --model PATH")
+    return _eval_benchmark(args)
+
+
+def _eval_benchmark(args) -> int:
+    from pathlib import Path
+
+    from mftcoder.errors import EvalError
+    from mftcoder.evaluate.humaneval import (
+        PROMPT_STYLES,
+        HumanEvalOptions,
+        evaluate_humaneval,
+        load_problems,
+        print_summary,
+    )
+    from mftcoder.evaluate.pass_at_k import parse_ks
+    from mftcoder.evaluate.sandbox import Limits
+    from mftcoder.generate import Settings, check_output, load_generator, resolve_source
+
+    # Everything that can be checked without the model is checked before loading it.
+    load_problems(args.benchmark, limit=1)
+    settings = Settings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, n=args.n, seed=args.seed
+    )
+    settings.check()
+    problems = []
+    for name in ("limit", "batch_size", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    limits = Limits(timeout=args.timeout, memory_mb=args.memory_mb)
+    problems += limits.check()
+    if args.prompt_style is not None and args.prompt_style not in PROMPT_STYLES:
+        problems.append(f"--prompt-style {args.prompt_style}: expected one of {', '.join(PROMPT_STYLES)}")
+    if problems:
+        raise EvalError("; ".join(problems))
+    options = HumanEvalOptions(
+        prompt_style=args.prompt_style,
+        ks=parse_ks(args.k, args.n),
+        batch_size=args.batch_size,
+        workers=args.workers,
+        limits=limits,
+        limit=args.limit,
+    )
+    source = resolve_source(args.model, args.base)
+    if args.output is not None:
+        output = Path(args.output)
+    else:
+        run = source.model.parent if (source.model.parent / "config.yaml").is_file() else source.model
+        output = run / "eval" / f"{args.benchmark}-{source.model.name}.json"
+        output.parent.mkdir(parents=True, exist_ok=True)
+    check_output(output, args.overwrite)
+    generator = load_generator(
+        args.model, base=args.base, dtype=args.dtype, device=args.device, chat_template=args.prompt_style == "chat"
+    )
+    print(f"evaluating {generator.description}", file=sys.stderr)
+    for note in generator.notes:
+        print(note, file=sys.stderr)
+    summary = evaluate_humaneval(generator, settings, options, output, overwrite=args.overwrite)
+    print_summary(summary)
+    return 0
+
+
+def _eval_run(args) -> int:
+    from pathlib import Path
+
+    from mftcoder.errors import EvalError
+    from mftcoder.evaluate.humaneval import write_json_atomic
+    from mftcoder.evaluate.run_loss import check_run, loss_table, run_loss, weights_dir
+    from mftcoder.generate import check_output
+
+    if args.benchmark is not None or args.model is not None:
+        raise EvalError("--run computes the validation loss of a run: give it without a benchmark or --model")
+    run = check_run(args.run)
+    weights = weights_dir(run, args.checkpoint)
+    output = Path(args.output) if args.output else run / "eval" / f"loss-{weights.name}.json"
+    if args.output is None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    check_output(output, args.overwrite)
+    result = run_loss(run, args.checkpoint, notice=lambda message: print(message, file=sys.stderr))
+    write_json_atomic(output, result.to_dict())
+    print(loss_table(result))
+    print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
 def cmd_plot(args) -> int:
     from mftcoder.plotting import plot_run
 
@@ -187,6 +281,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "eval",
+        help="HumanEval pass@k of a model (completions run in a sandbox), or the per-task validation loss of a run",
+    )
+    p.add_argument("benchmark", nargs="?", help="humaneval (see docs/eval.md); leave out with --run")
+    p.add_argument("--model", help="as for generate: a model, an adapter (OUTPUT_DIR/final) or OUTPUT_DIR")
+    p.add_argument("--base", help="the adapter's base model (default: the base recorded in the adapter)")
+    p.add_argument(
+        "--run", metavar="OUTPUT_DIR", help="per-task validation loss and perplexity of this run on its own split"
+    )
+    p.add_argument(
+        "--checkpoint", default="final", help="with --run: final (default), best, step-N or a checkpoint directory"
+    )
+    p.add_argument(
+        "--output", help="JSON results (default: OUTPUT_DIR/eval/<benchmark|loss>-<weights>.json, or MODEL/eval/)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument(
+        "--prompt-style",
+        help="chat (the prompt as a user message through the chat template; the default for a model trained by "
+        "mftcoder) or completion (the raw prompt continued; the default otherwise)",
+    )
+    p.add_argument("--n", type=int, default=1, help="samples per problem (> 1 needs --temperature > 0); default 1")
+    p.add_argument("--k", help="pass@k values, e.g. 1,10 (each <= --n; default: those of 1,10,100 that --n allows)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="default: %(default)s")
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N problems (a quick run)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
+    p.add_argument("--workers", type=int, default=2, help="programs run in parallel in the sandbox (default: 2)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per program, wall clock (default: 10)")
+    p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program (default: 1024)")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
+        help="weights dtype (default: fp32 on CPU, bf16 or fp16 on a GPU)",
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plot", help="PNG charts of a run's per-task losses and weights, into OUTPUT_DIR/logs")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's output directory")

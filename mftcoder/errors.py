@@ -56,3 +56,7 @@ class TrainingError(MFTCoderError):
 
 class GenerateError(MFTCoderError):
     """A model cannot be loaded for generation, or the generation settings are invalid."""
+
+
+class EvalError(MFTCoderError):
+    """An evaluation cannot run: unknown benchmark, a run directory without what it needs, bad options."""

@@ -100,6 +100,7 @@ class Generator:
     eos_ids: tuple[int, ...]
     turn_suffix: str = ""  # what the template writes between an answer's content and the EOS
     notes: list[str] = field(default_factory=list)
+    source: Source | None = None  # where the model was loaded from
 
     @property
     def device(self) -> torch.device:
@@ -110,8 +111,17 @@ class Generator:
 
     def generate(self, prompts: Sequence[Sequence[Message]], settings: Settings) -> list[list[Completion]]:
         """`settings.n` completions of each conversation, generated together as one left-padded batch."""
-        ids = [self.prompt_ids(m) for m in prompts]
-        batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
+        return self.generate_ids([self.prompt_ids(m) for m in prompts], settings)
+
+    def generate_text(self, texts: Sequence[str], settings: Settings) -> list[list[Completion]]:
+        """`settings.n` continuations of each raw text (no chat template: a base model completing code),
+        tokenized as the tokenizer does by default (with its BOS, if it adds one)."""
+        return self.generate_ids([list(self.tokenizer(text)["input_ids"]) for text in texts], settings)
+
+    def generate_ids(self, ids: Sequence[Sequence[int]], settings: Settings) -> list[list[Completion]]:
+        """`settings.n` completions of each prompt given as token ids, generated as one left-padded batch."""
+        prompts = [list(row) for row in ids]
+        batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(self.device)
         width = batch["input_ids"].shape[1]
         config = GenerationConfig(
             max_new_tokens=settings.max_new_tokens,
@@ -256,12 +266,12 @@ def _check_fits(source: Source, base: Path | str, base_config, vocab: int) -> No
         raise GenerateError(f"the adapter {source.model} does not fit the base {base}:\n  {listed}")
 
 
-def _tokenizer(directory: Path | str, label: str):
+def _tokenizer(directory: Path | str, label: str, chat_template: bool = True):
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as err:
         raise GenerateError(f"{label} {directory}: cannot load its tokenizer ({err})") from None
-    if not tokenizer.chat_template:
+    if chat_template and not tokenizer.chat_template:
         raise GenerateError(
             f"{label} {directory}: the tokenizer has no chat template, so prompts cannot be rendered as in "
             "training; use a directory written by mftcoder (OUTPUT_DIR/final, best/ or a merged model)"
@@ -287,8 +297,15 @@ def _turn_suffix(tokenizer) -> str:
 
 
 def load_generator(
-    model: str | Path, *, base: str | None = None, dtype: str | None = None, device: str | None = None
+    model: str | Path,
+    *,
+    base: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    chat_template: bool = True,
 ) -> Generator:
+    """The model (or adapter on its base) and its tokenizer, ready to generate. `chat_template=False` also
+    accepts a tokenizer without a chat template (raw-text prompts only: `Generator.generate_text`)."""
     source = resolve_source(model, base)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     weights_dtype = torch_dtype(dtype, target)
@@ -296,7 +313,9 @@ def load_generator(
     if source.adapter:
         base_dir = _locate_base(source)
         has_tokenizer = (source.model / "tokenizer_config.json").is_file()
-        tokenizer = _tokenizer(source.model if has_tokenizer else base_dir, "adapter" if has_tokenizer else "base")
+        tokenizer = _tokenizer(
+            source.model if has_tokenizer else base_dir, "adapter" if has_tokenizer else "base", chat_template
+        )
         base_config = AutoConfig.from_pretrained(base_dir)
         _check_fits(source, base_dir, base_config, len(tokenizer))
         network = AutoModelForCausalLM.from_pretrained(base_dir, dtype=weights_dtype)
@@ -317,7 +336,7 @@ def load_generator(
                 "one; its outputs differ slightly from the trained model's"
             )
     else:
-        tokenizer = _tokenizer(source.model, "model")
+        tokenizer = _tokenizer(source.model, "model", chat_template)
         network = AutoModelForCausalLM.from_pretrained(source.model, dtype=weights_dtype)
         description = f"model {source.model}"
     network.to(target).eval()
@@ -325,7 +344,8 @@ def load_generator(
     recorded = network.generation_config.eos_token_id
     eos.update(recorded if isinstance(recorded, list) else [recorded] if recorded is not None else [])
     description += f" ({str(weights_dtype).removeprefix('torch.')}, {target})"
-    return Generator(network, tokenizer, description, tuple(sorted(eos)), _turn_suffix(tokenizer), notes)
+    suffix = _turn_suffix(tokenizer) if tokenizer.chat_template else ""
+    return Generator(network, tokenizer, description, tuple(sorted(eos)), suffix, notes, source)
 
 
 # ---- batch mode ------------------------------------------------------------------------------------

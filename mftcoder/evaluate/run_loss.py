@@ -1,0 +1,134 @@
+"""Per-task validation loss and perplexity of a trained run's weights, on the run's own validation split.
+
+Everything goes through the trainer's own code paths, so the numbers are those training would log
+for the same weights: the run's resolved `config.yaml` (`mftcoder.run_config.load_config`), its data
+built as training builds it (`mftcoder.data.dataset.build_datasets`: same tokenizer, template,
+length policy, seeded split and packing), the model built as training builds it (base, LoRA
+wrapping, the checkpoint's weights via `mftcoder.training.checkpoint.load_weights`), an Accelerator
+made from the config (`build_accelerator`: same mixed precision; under `accelerate launch` the
+split is shared across processes), and `mftcoder.training.evaluation.evaluate`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mftcoder.data.dataset import build_datasets
+from mftcoder.data.template import chat_format
+from mftcoder.data.tokenizer import load_tokenizer
+from mftcoder.errors import EvalError
+from mftcoder.models.loading import cast_trainable, load_model, resolve_attention, wrap_lora
+from mftcoder.run_config import load_config
+from mftcoder.training.checkpoint import load_weights
+from mftcoder.training.evaluation import evaluate
+from mftcoder.training.launch import COMPUTE_DTYPE, build_accelerator
+
+
+@dataclass(frozen=True)
+class RunLoss:
+    run: Path
+    weights: Path
+    loss: float
+    task_mean: float
+    task_loss: dict[str, float]
+    valid_units: int
+
+    def to_dict(self) -> dict:
+        return {
+            "run": str(self.run),
+            "weights": str(self.weights),
+            "split": "valid",
+            "loss": self.loss,
+            "perplexity": _ppl(self.loss),
+            "task_mean": self.task_mean,
+            "task_loss": self.task_loss,
+            "task_perplexity": {task: _ppl(loss) for task, loss in self.task_loss.items()},
+            "valid_units": self.valid_units,
+        }
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def weights_dir(run: Path, which: str) -> Path:
+    """final/, best/, checkpoints/step-N (given as `step-N` or `N`), or a directory path."""
+    if which in ("final", "best"):
+        path = run / which
+    elif which.removeprefix("step-").isdigit():
+        path = run / "checkpoints" / f"step-{int(which.removeprefix('step-'))}"
+    else:
+        path = Path(which).expanduser()
+    if not path.is_dir():
+        hint = {
+            "final": "the run has not finished; pass --checkpoint best or --checkpoint step-N",
+            "best": "best/ is written when the run evaluates (evaluation_steps) and finishes",
+        }.get(
+            which, f"checkpoints: {', '.join(sorted(p.name for p in (run / 'checkpoints').glob('step-*'))) or 'none'}"
+        )
+        raise EvalError(f"{path}: no such directory ({hint})")
+    return path
+
+
+def check_run(run_dir: str | Path) -> Path:
+    run = Path(run_dir).expanduser()
+    if not run.is_dir():
+        raise EvalError(f"--run {run}: no such directory; give a training run's output_dir")
+    if not (run / "config.yaml").is_file():
+        raise EvalError(f"--run {run}: no config.yaml, so not a training run's output_dir (written by mftcoder train)")
+    return run
+
+
+def run_loss(run_dir: str | Path, which: str = "final", notice=print) -> RunLoss:
+    run = check_run(run_dir)
+    weights = weights_dir(run, which)
+    config = load_config(run / "config.yaml", notice=notice)
+    peft = bool(config.peft_type)
+    if peft and not (weights / "adapter_model.safetensors").is_file():
+        raise EvalError(f"{weights}: no adapter_model.safetensors (the run trains a {config.peft_type} adapter)")
+    if not peft and not any(weights.glob("model*.safetensors")):
+        raise EvalError(f"{weights}: no model*.safetensors (the run fine-tunes the full model)")
+    base = None
+    if config.model_init == "from_config":
+        base = run / "base_model"
+        if not base.is_dir():
+            raise EvalError(
+                f"{base}: no such directory; the run initialised its model from a config and saves it there"
+            )
+    accelerator = build_accelerator(config)
+    attention = resolve_attention(config)
+    tokenizer = load_tokenizer(config)
+    data = build_datasets(config, tokenizer, chat_format(config, tokenizer), flat=attention == "flash_attention_2")
+    if not data.valid or data.valid.units == 0:
+        raise EvalError(f"{run}/config.yaml: the run has no validation split (data_split gives it no samples)")
+    compute = COMPUTE_DTYPE[accelerator.mixed_precision]
+    if peft:
+        model = load_model(config, tokenizer, compute, attention, source=base)
+        model = wrap_lora(config, model)
+        cast_trainable(model, torch.float32)
+        load_weights(model, weights, peft=True)
+    else:
+        model = load_model(config, tokenizer, torch.float32, attention, source=weights)
+    model = accelerator.prepare(model)
+    result = evaluate(
+        model, accelerator, data.valid, data.tasks, config.per_device_eval_batch_size, tokenizer.pad_token_id
+    )
+    accelerator.end_training()
+    return RunLoss(run, weights, result.loss, result.task_mean, result.task_loss, data.valid.units)
+
+
+def loss_table(result: RunLoss) -> str:
+    width = max(len("all tasks"), *(len(t) for t in result.task_loss))
+    lines = [
+        f"validation loss of {result.weights} ({result.valid_units} units)",
+        f"  {'task':<{width}} {'loss':>8} {'ppl':>10}",
+    ]
+    for task, loss in result.task_loss.items():
+        lines.append(f"  {task:<{width}} {loss:>8.4f} {_ppl(loss):>10.3f}")
+    lines.append(f"  {'all tasks':<{width}} {result.loss:>8.4f} {_ppl(result.loss):>10.3f}")
+    lines.append(f"  {'task_mean':<{width}} {result.task_mean:>8.4f}")
+    return "\n".join(lines)
