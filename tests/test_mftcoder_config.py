@@ -11,8 +11,10 @@ import pytest
 from mftcoder.config import TrainConfig
 from mftcoder.config.mftcoder_compat import (
     MFTCODER_FIELDS,
+    XXPO_FIELDS,
     Copy,
     Ignore,
+    Rename,
     looks_like_mftcoder,
     translate_mftcoder,
 )
@@ -222,12 +224,72 @@ def test_coba_sample_keeps_its_coba_fields(workspace: dict[str, Path]) -> None:
     assert not any(note.startswith(("coba_warmup_steps", "coba_tau")) for note in notes)
 
 
-def test_dpo_sample_is_refused_as_preference_training(workspace: dict[str, Path]) -> None:
+def test_dpo_sample_translates_and_loads(workspace: dict[str, Path]) -> None:
     path = instantiate_sample("dpo", workspace)
+    translated, _ = translate_mftcoder(json.loads(path.read_text(encoding="utf-8")))
+    assert {key: translated[key] for key in DPO_SAMPLE} == DPO_SAMPLE
+    notes: list[str] = []
+    config = load_config(path, mftcoder=None, notice=notes.append)
+    assert {key: getattr(config, key) for key in DPO_SAMPLE} == DPO_SAMPLE
+    assert '-> training_stage: "dpo"' in note_for(notes, "xxpo")
+    assert "overlength" in note_for(notes, "max_prompt_length")
+    assert "-> seq_length: 4096" in note_for(notes, "max_length")
+    assert "MFTCoder's default true applied" in note_for(notes, "gradient_checkpointing")
+
+
+# What MFTCoder's dpo_train_config.json becomes (spec §7.1: HF TrainingArguments' names for some fields).
+DPO_SAMPLE = {
+    "training_stage": "dpo",
+    "beta": 0.1,
+    "rpo_alpha": 0.5,
+    "weighted_loss_mode": "case2",
+    "data_split": [0.99, 0.01],
+    "peft_type": "lora",
+    "lora_rank": 64,
+    "lora_alpha": 128,
+    "lora_dropout": 0.0,
+    "per_device_train_batch_size": 1,
+    "gradient_accumulation_steps": 8,
+    "learning_rate": 5e-7,
+    "num_warmup_steps": 100,
+    "num_train_epochs": 2,
+    "seed": 1105,
+    "seq_length": 4096,
+    "log_interval": 20,
+    "checkpointing_steps": 500,
+    "evaluation_steps": 500,
+    "saving_limit": 5,
+    "num_proc": 1,
+    "gradient_checkpointing": True,
+}
+
+
+@pytest.mark.parametrize("field", list(XXPO_FIELDS))
+def test_every_xxpo_field_is_mapped_or_ignored_with_a_reason(field: str) -> None:
+    rule = XXPO_FIELDS[field]
+    if isinstance(rule, Rename):
+        assert rule.target in TrainConfig.model_fields
+    elif isinstance(rule, Copy):
+        assert field in TrainConfig.model_fields
+    else:
+        assert isinstance(rule, Ignore) and len(rule.reason) > 15
+
+
+def test_xxpo_reads_its_own_spellings_not_mftcoders() -> None:
+    translated, notes = translate_mftcoder(minimal(xxpo="orpo", seq_length=1024, warmup_steps=0.05, max_steps=-1))
+    assert translated["training_stage"] == "orpo"
+    assert translated["seq_length"] == 4096  # xxpo's max_length default; its seq_length is not read
+    assert "reads max_length instead" in note_for(notes, "seq_length")
+    assert translated["num_warmup_steps"] == 0 and "number of steps" in note_for(notes, "warmup_steps")
+    assert "max_train_steps" not in translated
+
+
+def test_xxpo_values_mftcoder_cannot_honour_are_refused_together() -> None:
     with pytest.raises(ConfigError) as caught:
-        load_config(path, mftcoder=None, notice=lambda _: None)
-    assert [issue.field for issue in caught.value.issues] == ["xxpo"]
-    assert "preference training" in caught.value.issues[0].message
+        translate_mftcoder(minimal(xxpo="kto", rpo_alpha=0.5, optimizer_type="sgd", sanity_check=True))
+    assert {issue.field for issue in caught.value.issues} == {"xxpo", "optimizer_type", "sanity_check"}
+    with pytest.raises(ConfigError, match="ORPOConfig"):
+        translate_mftcoder(minimal(xxpo="orpo", rpo_alpha=0.5))
 
 
 # --- detection ------------------------------------------------------------------------------
@@ -370,9 +432,3 @@ def test_all_translation_errors_reported_together() -> None:
     assert set(messages) == {"load_raw_dataset", "tokenize_mode", "data_split", "task_weights"}
     assert "binary" in messages["load_raw_dataset"]
     assert "for continued pre-training give `text` records" in messages["tokenize_mode"]
-
-
-@pytest.mark.parametrize("field", ["xxpo", "beta", "rpo_alpha"])
-def test_preference_fields_refused(field: str) -> None:
-    with pytest.raises(ConfigError, match="preference training"):
-        translate_mftcoder(minimal(**{field: 0.1}))

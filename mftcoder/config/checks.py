@@ -53,4 +53,42 @@ def config_issues(config: TrainConfig) -> list[Issue]:
     out = Path(config.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         issues.append(Issue("output_dir", f"{config.output_dir} is a file"))
+    return issues + _preference_issues(config)
+
+
+# How a preference objective averages its pairs (docs/preference.md).
+PREFERENCE_MODES = {"case2": "every pair counts once", "case3": "each task's mean pair loss, averaged over tasks"}
+
+
+def _preference_issues(config: TrainConfig) -> list[Issue]:
+    stage = config.training_stage
+    if stage == "sft":
+        if config.rpo_alpha is not None:
+            return [Issue("rpo_alpha", "applies to training_stage: dpo only; remove it")]
+        return []
+    issues = []
+    if config.weighted_loss_mode not in PREFERENCE_MODES:
+        modes = "; ".join(f"{mode}: {meaning}" for mode, meaning in PREFERENCE_MODES.items())
+        issues.append(
+            Issue(
+                "weighted_loss_mode",
+                f"{config.weighted_loss_mode} balances tokens or learns weights of SFT losses; training_stage: "
+                f"{stage} averages pair losses ({modes})",
+            )
+        )
+    if config.padding_mode != "padding":
+        issues.append(
+            Issue("padding_mode", f"training_stage: {stage} scores each response in a row of its own; use padding")
+        )
+    if config.rpo_alpha is not None and stage != "dpo":
+        issues.append(Issue("rpo_alpha", "applies to training_stage: dpo only (ORPO always adds the chosen NLL)"))
+    for i, entry in enumerate(config.data_paths):
+        if not isinstance(entry, str) and entry.format != "auto":
+            issues.append(
+                Issue(
+                    f"data_paths.{i}.format",
+                    f"training_stage: {stage} reads preference records (prompt/chosen/rejected, or MFTCoder's "
+                    "chosen/rejected conversations); leave format: auto",
+                )
+            )
     return issues

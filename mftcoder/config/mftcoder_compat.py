@@ -2,7 +2,8 @@
 
 `MFTCODER_FIELDS` is the single source of truth: every MFTCoder field (the 60 of `MftTrainArgs`
 plus the v0.3/v0.4 self-paced ones) is either copied (`Copy`, with a conversion where MFTCoder's
-encoding differs) or dropped (`Ignore`, with the reason). Each change is reported as a note that
+encoding differs) or dropped (`Ignore`, with the reason); `XXPO_FIELDS` does the same for the fields of
+its DPO/ORPO entry point (`xxpo`), some under HF TrainingArguments' names (`Rename`). Each change is reported as a note that
 says what happened and why, so a user can trust that their MFTCoder config means the same here.
 """
 
@@ -24,9 +25,6 @@ NO_DEFAULT = object()  # MFTCoder requires the field, or its default must not be
 Converter = Callable[[Any, Mapping[str, Any]], tuple[Any, str]]
 
 AS_STRING = "MFTCoder writes lists as one string"
-
-# Fields only MFTCoder's preference-training entry point (xxpo, DPO/ORPO) knows.
-PREFERENCE_FIELDS = frozenset({"xxpo", "beta", "rpo_alpha", "max_prompt_length"})
 
 # Our list-valued fields that MFTCoder writes as "[a,b]" strings.
 LIST_FIELDS = ("data_paths", "task_weights", "target_modules", "data_split")
@@ -325,8 +323,119 @@ MFTCODER_FIELDS: dict[str, Copy | Ignore] = {
     "selfpaced_scale_factor": Copy(default=50),
 }
 
+
+# --- MFTCoder's preference-training entry point (xxpo: DPO/ORPO through TRL) ----------------
+
+
+def _stage(value: Any, raw: Mapping[str, Any]) -> tuple[Any, str]:
+    if value not in ("dpo", "orpo"):
+        raise ValueError(f"{_show(value)}: MFTCoder's xxpo is dpo or orpo")
+    return value, "trained in mftcoder's own loop, docs/preference.md"
+
+
+def _rpo_alpha(value: Any, raw: Mapping[str, Any]) -> tuple[Any, str]:
+    if value is not None and raw.get("xxpo") == "orpo":
+        raise ValueError("MFTCoder hands rpo_alpha to TRL's ORPOConfig, which has no such field; remove it")
+    return _null_is_default(value, raw)
+
+
+def _hf_warmup(value: Any, raw: Mapping[str, Any]) -> tuple[Any, str]:
+    if isinstance(value, int | float) and 0 < value < 1:
+        return 0, "the HF Trainer of MFTCoder's xxpo reads it as a number of steps: a fraction meant no warm-up"
+    return value, ""
+
+
+def _max_steps(value: Any, raw: Mapping[str, Any]) -> tuple[Any, str]:
+    return (DROP, "") if value is None or value < 0 else (value, "")
+
+
+HF_OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw"}
+HF_OPTIMIZERS |= {"adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+
+
+def _optimizer(value: Any, raw: Mapping[str, Any]) -> tuple[Any, str]:
+    if value not in HF_OPTIMIZERS:
+        raise ValueError(
+            f"{_show(value)} has no mftcoder equivalent; set optimizer: adamw, adamw_8bit or paged_adamw_8bit"
+        )
+    new = HF_OPTIMIZERS[value]
+    return new, ("" if new == value else "the same optimizer under mftcoder's name")
+
+
+@dataclass(frozen=True)
+class Rename:
+    """An xxpo field (HF TrainingArguments' spelling) that is our field `target`."""
+
+    target: str
+    convert: Converter = _unchanged
+    default: Any = NO_DEFAULT
+
+    def translate(self, value: Any, raw: Mapping[str, Any]) -> tuple[Any, str]:
+        new, reason = self.convert(value, raw)
+        if new is DROP:
+            return DROP, ""
+        return new, f"{_show(value)} -> {self.target}: {_show(new)}" + (f" ({reason})" if reason else "")
+
+    def omitted(self, key: str, raw: Mapping[str, Any]) -> tuple[Any, str]:
+        if self.default is NO_DEFAULT:
+            return DROP, ""
+        new, reason = self.convert(self.default, raw)
+        if new is DROP or new == TrainConfig.model_fields[self.target].get_default(call_default_factory=True):
+            return DROP, ""
+        return new, f"not set; xxpo's default {_show(self.default)} applied as {self.target}: {_show(new)}" + (
+            f" ({reason})" if reason else ""
+        )
+
+
+# The fields MFTCoder's `XXPOTrainArgs` has beyond `MftTrainArgs` (spec §7.1); the shared ones follow the
+# table above, except those whose HF spelling xxpo reads instead (XXPO_REPLACES).
+XXPO_FIELDS: dict[str, Copy | Ignore | Rename] = {
+    "xxpo": Rename("training_stage", _stage),
+    "beta": Copy(default=0.1),
+    # TRL averages the pair losses of a batch: every pair counts once.
+    "weighted_loss_mode": Copy(_loss_mode, "case2"),
+    # xxpo's schedule decays to 0: MFTCoder's default min_lr does not apply (a given one is honoured).
+    "min_lr": Copy(),
+    "rpo_alpha": Copy(_rpo_alpha, None),
+    "optimizer_type": Rename("optimizer", _optimizer, "adamw_torch"),
+    "gradient_checkpointing": Copy(default=True),
+    "gradient_checkpointing_use_reentrant": Ignore(
+        "mftcoder's activation checkpointing is always non-reentrant",
+        _only(False, "reentrant activation checkpointing is not supported; remove the field or set it to false"),
+    ),
+    "warmup_steps": Rename("num_warmup_steps", _hf_warmup, 0.05),
+    "save_only_model": Ignore("mftcoder's checkpoints always hold what an exact resume needs"),
+    "logging_steps": Rename("log_interval", default=10),
+    "save_steps": Rename("checkpointing_steps", _steps_or_off, 100),
+    "eval_steps": Rename("evaluation_steps", default=100),
+    "max_steps": Rename("max_train_steps", _max_steps, -1),
+    "chat_template": Ignore("MFTCoder's xxpo never read it; the layout is `template` and role_markers"),
+    "max_prompt_length": Ignore(
+        "mftcoder keeps whole prompts; a pair longer than seq_length follows overlength (truncate cuts the "
+        "shared prompt from the left)"
+    ),
+    "max_length": Rename("seq_length", default=4096),
+    "dataset_num_proc": Rename("num_proc"),
+    "dtype": Ignore("MFTCoder's xxpo never read it (it trains in bf16); the compute dtype comes from the launcher"),
+    "disable_tqdm": Ignore("the progress bar is shown on the main process"),
+    "sanity_check": Ignore(
+        "it trained on the first 100 rows only",
+        _only(False, "sanity_check has no mftcoder equivalent; use max_train_steps for a short run"),
+    ),
+    "ignore_bias_buffers": Ignore("a DDP workaround for boolean buffers that mftcoder does not need"),
+}
+# MFTCoder fields its xxpo entry point does not read, and the xxpo field it reads instead.
+XXPO_REPLACES = {
+    "seq_length": "max_length",
+    "num_warmup_steps": "warmup_steps",
+    "log_interval": "logging_steps",
+    "checkpointing_steps": "save_steps",
+    "evaluation_steps": "eval_steps",
+    "max_train_steps": "max_steps",
+}
+
 # Keys that only an MFTCoder config has; derived so that a field our schema adopts stops counting.
-MFTCODER_ONLY_FIELDS = (frozenset(MFTCODER_FIELDS) - frozenset(TrainConfig.model_fields)) | PREFERENCE_FIELDS
+MFTCODER_ONLY_FIELDS = (frozenset(MFTCODER_FIELDS) | frozenset(XXPO_FIELDS)) - frozenset(TrainConfig.model_fields)
 
 
 # --- public API -----------------------------------------------------------------------------
@@ -339,42 +448,34 @@ def looks_like_mftcoder(raw: Mapping[str, Any]) -> bool:
     return isinstance(raw.get("data_split"), str) or any(_is_bracketed(raw.get(key)) for key in LIST_FIELDS)
 
 
-def _reject_preference_training(raw: Mapping[str, Any]) -> None:
-    found = sorted(PREFERENCE_FIELDS & raw.keys())
-    if found:
-        # Alone on purpose: the rest of an xxpo config would only add unknown-key noise.
-        raise ConfigError(
-            [
-                Issue(
-                    "xxpo",
-                    "preference training (DPO/ORPO) is not supported yet; mftcoder does supervised "
-                    f"multi-task fine-tuning only (this config has {', '.join(found)})",
-                )
-            ]
-        )
-
-
 def translate_mftcoder(raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The mapping in our schema and one note per field that was changed, defaulted or ignored.
 
     Keys the table does not know are passed through, so that the validator reports them with a
     did-you-mean hint. Every value mftcoder cannot honour is collected into one ConfigError.
     """
-    _reject_preference_training(raw)
     translated: dict[str, Any] = {}
     notes: list[str] = []
     issues: list[Issue] = []
-    for key, rule in MFTCODER_FIELDS.items():
+    for key, rule in _rules(raw).items():
         try:
             value, note = rule.translate(raw[key], raw) if key in raw else rule.omitted(key, raw)
         except ValueError as err:
             issues.append(Issue(key, str(err)))
             continue
         if value is not DROP:
-            translated[key] = value
+            translated[getattr(rule, "target", key)] = value
         if note:
             notes.append(f"{key}: {note}")
     if issues:
         raise ConfigError(issues)
-    translated.update({key: value for key, value in raw.items() if key not in MFTCODER_FIELDS})
+    translated.update({key: value for key, value in raw.items() if key not in _rules(raw)})
     return translated, notes
+
+
+def _rules(raw: Mapping[str, Any]) -> dict[str, Copy | Ignore | Rename]:
+    """The MFTCoder table; for an xxpo (DPO/ORPO) config, with its own fields and spellings."""
+    if "xxpo" not in raw:
+        return MFTCODER_FIELDS
+    replaced = {key: Ignore(f"MFTCoder's xxpo reads {xxpo} instead") for key, xxpo in XXPO_REPLACES.items()}
+    return MFTCODER_FIELDS | replaced | XXPO_FIELDS

@@ -219,6 +219,22 @@ class TrainConfig(BaseModel):
         1234, description="Seeds the splits, the epoch order, packing, validation draws and initialisation."
     )
 
+    # --- preference training (docs/preference.md) --------------------------------------------
+    training_stage: Literal["sft", "dpo", "orpo"] = Field(
+        "sft",
+        description="`sft`: supervised fine-tuning; `dpo` or `orpo`: preference training on prompt/chosen/rejected "
+        "records (docs/preference.md), with weighted_loss_mode case2 (every pair counts once) or case3 (tasks).",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="dpo: β, the strength of the pull towards the reference model; orpo: λ, the weight of "
+        "the odds-ratio term (MFTCoder's and TRL's `beta`).",
+    )
+    rpo_alpha: float | None = Field(
+        None, ge=0, description="dpo: weight α of the chosen responses' NLL added to the DPO loss (RPO); null: none."
+    )
+
     # --- loss balancing: weighted_loss_mode focal, self_paced, coba (mftcoder.losses) --------
     focal_level: Literal["task", "sample"] = Field(
         "task",

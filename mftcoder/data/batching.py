@@ -10,7 +10,8 @@ Three layouts, each with `targets` shifted so that position j predicts token j+1
 `loss_mask`, `task_ids` and `sample_ids` aligned with `targets` (the task and the sample of each
 target token, which is what every loss mode reduces over; sample ids are unique in a micro-batch):
 
-- padding: one sample per row, right-padded to the longest, with an attention mask;
+- padding: one sample per row, right-padded to the longest, with an attention mask (a preference
+  pair is two units' worth of rows: its chosen sample, then its rejected one);
 - packed: several whole samples per row (a bin), no attention mask, position ids restarting at 0
   for every sample (and for the padding after the last one), the last token of every sample without
   a target. With sdpa/eager and no cache, transformers derives the block-diagonal causal mask from
@@ -141,11 +142,13 @@ def collate_flat(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tens
 @dataclass
 class Split(Sequence):
     """The samples of one split and how they form units (what the sampler deals out and a micro-batch
-    holds): a sample each, or in pack mode a bin each (`bins`); `flatten` selects the flat layout."""
+    holds): a sample each, or in pack mode a bin each (`bins`); `flatten` selects the flat layout.
+    `paired`: each unit (bin) is a preference pair whose two samples take a padded row each."""
 
     samples: list[Sample]
     bins: Bins | None = None
     flatten: bool = False
+    paired: bool = False
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -177,6 +180,8 @@ class Split(Sequence):
         if self.bins is None:
             return collate([self.samples[u] for u in units], pad_id)
         rows = [self.unit(u) for u in units]
+        if self.paired:
+            return collate([s for row in rows for s in row], pad_id)
         if self.flatten:
             return collate_flat([s for row in rows for s in row], pad_id)
         return collate_packed(rows, pad_id)

@@ -7,9 +7,9 @@ the report. Its key is a SHA-256 over everything that output depends on:
 - each task's name, format and files (resolved path, size and content digest);
 - the tokenizer (its serialized fast tokenizer, with added and special tokens), the template the
   records are rendered with (`chat.jinja()`, EOS, end-of-turn tokens);
-- seq_length, overlength, on_bad_record, data_split, seed, and whether padding_mode is concat
-  (which has no length limit);
-- the source of the modules that encode (formats, records, tasks, template, dataset), so that a
+- seq_length, overlength, on_bad_record, data_split, seed, whether padding_mode is concat
+  (which has no length limit) and whether the records are preference pairs (training_stage);
+- the source of the modules that encode (formats, records, tasks, template, encoding, dataset), so that a
   new mftcoder never reads an entry an older one wrote.
 
 Everything else (sampling weights, packing, the model, the loss) is applied after loading, so
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 META = "meta.json"
 REPORT = "data_report.json"
-ENCODING_MODULES = ("formats.py", "records.py", "tasks.py", "template.py", "dataset.py")
+ENCODING_MODULES = ("formats.py", "records.py", "tasks.py", "template.py", "encoding.py", "dataset.py")
 _CHUNK = 1 << 20
 
 
@@ -63,6 +63,7 @@ def record_features():
             "messages": List({"role": Value("string"), "content": Value("string")}),
             "source": Value("string"),
             "text": Value("string"),
+            "rejected": List({"role": Value("string"), "content": Value("string")}),
         }
     )
 
@@ -74,6 +75,8 @@ def encoded_features():
         {
             "input_ids": List(Value("int32")),
             "loss_mask": List(Value("uint8")),
+            "rejected_ids": List(Value("int32")),
+            "rejected_mask": List(Value("uint8")),
             "outcome": Value("int8"),
             "note": Value("string"),
             "targets": Value("int64"),
@@ -123,6 +126,7 @@ def fingerprint(config: TrainConfig, tokenizer, chat) -> str:
             "data_split": config.data_split,
             "seed": config.seed,
             "concat": config.padding_mode == "concat",
+            "preference": config.training_stage != "sft",
         },
         "code": {name: hashlib.sha256((here / name).read_bytes()).hexdigest() for name in ENCODING_MODULES},
     }

@@ -115,9 +115,19 @@ def concat_windows(samples: Sequence[Sample], seq_length: int) -> list[Sample]:
     return [Sample(ids[a:b], mask[a:b], task) for a, b in packing.windows(len(ids), seq_length)]
 
 
+def pair_bins(samples: Sequence[Sample], groups: Sequence[int]) -> packing.Bins:
+    """Preference pairs as units: samples 2i (chosen) and 2i + 1 (rejected) are unit i."""
+    pairs = len(samples) // 2
+    members = np.arange(2 * pairs, dtype=np.int64)
+    offsets = np.arange(0, 2 * pairs + 1, 2, dtype=np.int64)
+    return packing.Bins(members, offsets, np.asarray([groups[s.task_id] for s in samples[0::2]], dtype=np.int64))
+
+
 def _arrange(config: TrainConfig, samples: list[Sample], groups: Sequence[int], stream: int, flat: bool) -> Split:
-    """A split's units: its samples, or in pack mode bins of them (samples of different weight
-    groups never share a bin), in the flat layout when `flat`."""
+    """A split's units: its samples, preference pairs, or in pack mode bins of samples (samples of
+    different weight groups never share a bin), in the flat layout when `flat`."""
+    if config.training_stage != "sft":
+        return Split(samples, pair_bins(samples, groups), paired=True)
     if config.padding_mode != "pack":
         return Split(samples)
     lengths = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
@@ -164,8 +174,9 @@ def assemble(
                 )
             task_train = concat_windows(task_train, config.seq_length)
             task_valid = concat_windows(task_valid, config.seq_length)
-        rep.train_samples, rep.valid_samples = len(task_train), len(task_valid)
-        rep.epoch_samples = epoch_count(len(task_train), source.weight)
+        per_unit = 2 if config.training_stage != "sft" else 1  # a preference pair is two samples
+        rep.train_samples, rep.valid_samples = len(task_train) // per_unit, len(task_valid) // per_unit
+        rep.epoch_samples = epoch_count(rep.train_samples, source.weight)
         if not task_train:
             raise DataError(
                 f"{source.path}: task '{name}' has no training sample left: its {rep.train_records} train records "

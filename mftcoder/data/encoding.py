@@ -15,6 +15,12 @@ Length policy for a sample longer than `seq_length` (`overlength`): `drop` it, s
 A plain-text record keeps its first `seq_length` tokens. A truncated sample always keeps at least
 one target. In concat mode there is no length limit: the stream is cut into windows anyway.
 
+A preference record (training_stage dpo or orpo) becomes a pair of samples, the chosen and the rejected
+conversation, each scored on its last assistant turn only (the response). The pair is kept, dropped,
+refused or truncated as a whole, by its longer sample; `truncate` cuts the same number of tokens from
+the left of both (their shared prompt), then, if one response alone does not fit, keeps the first
+`seq_length` tokens from one prompt token on.
+
 Encoding depends only on the data files, the tokenizer, the template and the data options, so its
 result is cached (`mftcoder.data.cache`) and runs as a parallel `datasets.map`; what depends on
 the rest of the config is assembly's (`mftcoder.data.dataset`), redone by every run.
@@ -139,16 +145,90 @@ def encode_batch(
     return outcomes
 
 
-def _encode_rows(batch: dict, tokenizer, chat: Renderer, seq_length: int, overlength: str | None) -> dict:
-    """`encode_batch` as a batched `datasets.map` function."""
-    records = [Record(m, s, t) for m, s, t in zip(batch["messages"], batch["source"], batch["text"], strict=True)]
-    encoded = encode_batch(records, tokenizer, chat, seq_length, overlength)
+def _first_target(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask[1:])[0]) + 1
+
+
+def truncate_pair(chosen: tuple, rejected: tuple, seq_length: int) -> tuple[tuple, tuple, str]:
+    """A pair ((ids, mask) each) whose longer sample exceeds `seq_length`, cut by the policy in the module
+    docstring: the same leading tokens of both (their shared prompt), keeping at least one prompt token."""
+    first = min(_first_target(chosen[1]), _first_target(rejected[1]))
+    excess = max(len(chosen[0]), len(rejected[0])) - seq_length
+    if excess < first:
+        cut = slice(excess, None)
+        how = f"prompt cut by {excess} tokens"
+    else:
+        cut = slice(first - 1, first - 1 + seq_length)
+        how = "prompt cut to 1 token, responses cut to fit"
+    return (chosen[0][cut], chosen[1][cut]), (rejected[0][cut], rejected[1][cut]), how
+
+
+def _response_only(rendered: Rendered) -> Rendered:
+    """Only the last assistant turn (the response) is a target."""
+    return Rendered(rendered.text, rendered.supervised[-1:], rendered.turn_ends)
+
+
+def encode_pairs(
+    records: Sequence[Record], tokenizer, chat: Renderer, seq_length: int, overlength: str
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, str]]:
+    """(chosen ids, mask, rejected ids, mask, outcome, note) per preference record, as `encode_batch`."""
+    outcomes: list = [None] * len(records)
+    rendered, kept = [], []
+    for k, record in enumerate(records):
+        try:
+            pair = [render_record(chat, Record(m, record.source)) for m in (record.messages, record.rejected)]
+        except BadRecord as err:
+            outcomes[k] = (*_NOTHING, *_NOTHING, BAD, f"{record.source}: {err}")
+            continue
+        rendered += [_response_only(r) for r in pair]
+        kept.append(k)
+    tokens = tokenize(tokenizer, rendered)
+    for k, chosen, rejected in zip(kept, tokens[0::2], tokens[1::2], strict=True):
+        source = records[k].source
+        longest = max(len(chosen[0]), len(rejected[0]))
+        side = next((name for name, s in (("chosen", chosen), ("rejected", rejected)) if not s[1][1:].any()), None)
+        if side is not None:
+            outcomes[k] = (*_NOTHING, *_NOTHING, BAD, f"{source}: {side}: the rendered response has no target token")
+        elif longest <= seq_length:
+            outcomes[k] = (*chosen, *rejected, KEPT, "")
+        elif overlength == "error":
+            problem = f"{source}: {longest} tokens > seq_length {seq_length} (overlength: error)"
+            outcomes[k] = (
+                *_NOTHING,
+                *_NOTHING,
+                TOO_LONG,
+                f"{problem}; raise seq_length, or set overlength: drop or truncate",
+            )
+        elif overlength == "drop":
+            outcomes[k] = (*_NOTHING, *_NOTHING, DROPPED, f"{source}: {longest} tokens > seq_length {seq_length}")
+        else:
+            chosen, rejected, how = truncate_pair(chosen, rejected, seq_length)
+            note = f"{source}: {longest} -> {max(len(chosen[0]), len(rejected[0]))} tokens ({how})"
+            outcomes[k] = (*chosen, *rejected, TRUNCATED, note)
+    return outcomes
+
+
+def _encode_rows(
+    batch: dict, tokenizer, chat: Renderer, seq_length: int, overlength: str | None, preference: bool = False
+) -> dict:
+    """`encode_batch` (or `encode_pairs`) as a batched `datasets.map` function."""
+    columns = zip(batch["messages"], batch["source"], batch["text"], batch["rejected"], strict=True)
+    records = [Record(m, s, t, rejected=r) for m, s, t, r in columns]
+    if preference:
+        encoded = encode_pairs(records, tokenizer, chat, seq_length, overlength)
+    else:
+        encoded = [
+            (ids, mask, *_NOTHING, o, n)
+            for ids, mask, o, n in encode_batch(records, tokenizer, chat, seq_length, overlength)
+        ]
     return {
-        "input_ids": [ids for ids, _, _, _ in encoded],
-        "loss_mask": [mask for _, mask, _, _ in encoded],
-        "outcome": [outcome for _, _, outcome, _ in encoded],
-        "note": [note for _, _, _, note in encoded],
-        "targets": [int(mask[1:].sum()) for _, mask, _, _ in encoded],
+        "input_ids": [e[0] for e in encoded],
+        "loss_mask": [e[1] for e in encoded],
+        "rejected_ids": [e[2] for e in encoded],
+        "rejected_mask": [e[3] for e in encoded],
+        "outcome": [e[4] for e in encoded],
+        "note": [e[5] for e in encoded],
+        "targets": [int(e[1][1:].sum() + e[3][1:].sum()) for e in encoded],
     }
 
 
@@ -191,17 +271,19 @@ def encode_split(
     import datasets  # slow to import; only encoding needs it
     import pyarrow.compute as pc
 
+    preference = config.training_stage != "sft"
+    kept_columns = PAIR_COLUMNS if preference else SAMPLE_COLUMNS
     if not records:  # map would not run at all, and so not add its columns
         features = cache.encoded_features()
         return datasets.Dataset.from_dict(
-            {"input_ids": [], "loss_mask": []},
-            features=datasets.Features({k: features[k] for k in ("input_ids", "loss_mask")}),
+            {k: [] for k in kept_columns}, features=datasets.Features({k: features[k] for k in kept_columns})
         )
     table = datasets.Dataset.from_dict(
         {
             "messages": [r.messages for r in records],
             "source": [r.source for r in records],
             "text": [r.text for r in records],
+            "rejected": [r.rejected for r in records],
         },
         features=cache.record_features(),
     )
@@ -215,6 +297,7 @@ def encode_split(
             "chat": chat,
             "seq_length": config.seq_length,
             "overlength": None if config.padding_mode == "concat" else config.overlength,
+            "preference": preference,
         },
         remove_columns=table.column_names,
         features=cache.encoded_features(),
@@ -228,9 +311,10 @@ def encode_split(
     columns = encoded.data
     kept = collect(columns.column("outcome").to_numpy(), columns.column("note").to_pylist(), rep, bad)
     lengths = pc.list_value_length(columns.column("input_ids")).to_numpy()
+    lengths = lengths + pc.list_value_length(columns.column("rejected_ids")).to_numpy()
     rep.tokens += int(lengths[kept].sum())
     rep.supervised_tokens += int(columns.column("targets").to_numpy()[kept].sum())
-    return encoded.select(kept).select_columns(["input_ids", "loss_mask"])
+    return encoded.select(kept).select_columns(list(kept_columns))
 
 
 def encode_tasks(config: TrainConfig, tokenizer, chat: Renderer, scratch: Path) -> tuple[dict, dict]:
@@ -240,7 +324,7 @@ def encode_tasks(config: TrainConfig, tokenizer, chat: Renderer, scratch: Path) 
     for task_id, entry in enumerate(config.data_paths):
         source = as_source(entry)
         bad = BadRecords(config.on_bad_record)
-        loaded = read_task(source, bad)
+        loaded = read_task(source, bad, preference=config.training_stage != "sft")
         rep = TaskReport(path=source.path, formats=loaded.formats, records=loaded.read)
         name = task_name(source)
         try:
@@ -257,10 +341,16 @@ def encode_tasks(config: TrainConfig, tokenizer, chat: Renderer, scratch: Path) 
     return {"reports": reports}, tables
 
 
-def samples_of(table, task_id: int) -> list[Sample]:
+# The columns of a stored split: a sample per row, or a preference pair per row.
+SAMPLE_COLUMNS = ("input_ids", "loss_mask")
+PAIR_COLUMNS = ("input_ids", "loss_mask", "rejected_ids", "rejected_mask")
+
+
+def samples_of(table, task_id: int, columns: tuple[str, str] = SAMPLE_COLUMNS) -> list[Sample]:
     """The rows of a stored split as samples whose arrays are views of its memory-mapped Arrow data."""
     samples = []
-    for ids, mask in zip(table.data.column("input_ids").chunks, table.data.column("loss_mask").chunks, strict=True):
+    ids_column, mask_column = (table.data.column(name).chunks for name in columns)
+    for ids, mask in zip(ids_column, mask_column, strict=True):
         id_values, id_offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
         mask_values, mask_offsets = mask.values.to_numpy(), mask.offsets.to_numpy()
         samples += [
@@ -277,8 +367,13 @@ def load_encoded(
     are not there, and the cache entry they were loaded from."""
     entry = cache.load_or_build(config, tokenizer, chat, lambda scratch: encode_tasks(config, tokenizer, chat, scratch))
     reports = [TaskReport(**rep) for rep in entry.meta["reports"]]
-    encoded = [
-        (samples_of(entry.tables[f"{i}/train"], i), samples_of(entry.tables[f"{i}/valid"], i))
-        for i in range(len(reports))
-    ]
+    read = pairs_of if config.training_stage != "sft" else samples_of
+    encoded = [(read(entry.tables[f"{i}/train"], i), read(entry.tables[f"{i}/valid"], i)) for i in range(len(reports))]
     return reports, encoded, entry.path
+
+
+def pairs_of(table, task_id: int) -> list[Sample]:
+    """The preference pairs of a stored split as samples, chosen then rejected: pair i is samples 2i, 2i + 1."""
+    chosen = samples_of(table, task_id, PAIR_COLUMNS[:2])
+    rejected = samples_of(table, task_id, PAIR_COLUMNS[2:])
+    return [sample for pair in zip(chosen, rejected, strict=True) for sample in pair]

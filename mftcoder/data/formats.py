@@ -16,8 +16,16 @@ Formats, and the order in which `auto` tries them (the first whose keys are pres
     text           {"text"}                                            continued pre-training
 
 Alpaca is tried before the pairs: MFTCoder would read {instruction, input, output} as the pair
-input+output and lose the instruction. Preference records (chosen/rejected) are refused by name.
-Other keys (id, data_name, ...) are ignored.
+input+output and lose the instruction. Preference records (chosen/rejected) are refused by name: they
+are read by `parse_preference`, under training_stage dpo or orpo. Other keys (id, data_name, ...) are ignored.
+
+Preference records (`parse_preference`), both read as two conversations that share every turn but the
+last, the response (chosen or rejected):
+
+    {"prompt", "chosen", "rejected", "system"?}   prompt: a string (the user turn) or messages ending with
+                                                  a user turn; chosen, rejected: a string or [one assistant turn]
+    {"chosen", "rejected", "system"?}             MFTCoder's xxpo: two whole conversations (chat_rounds
+                                                  turns) that must be equal up to their last assistant turn
 
 Prompts for generation (`answer_required=False`): the same formats, detected the same way when the
 answer is there; a record without one is a conversation ending with a user turn, an Alpaca
@@ -211,8 +219,9 @@ def parse_record(obj: object, fmt: str = "auto", *, answer_required: bool = True
     if "chosen" in obj and "rejected" in obj:
         raise BadRecord(
             "record",
-            "this is preference data (chosen/rejected, for DPO/ORPO); mftcoder trains on supervised "
-            "records (chat_rounds, messages, conversations, instruction/output, prompt/answer pairs, text)",
+            "this is preference data (chosen/rejected): set training_stage: dpo or orpo to train on it; "
+            "supervised fine-tuning reads chat_rounds, messages, conversations, instruction/output, "
+            "prompt/answer pairs or text",
         )
     if fmt == "auto":
         fmt = detect(obj, answer_required)
@@ -233,3 +242,49 @@ def parse_record(obj: object, fmt: str = "auto", *, answer_required: bool = True
             pair = (next(p for p in PROMPT_KEYS if p in obj), None)
         return Parsed(fmt, _pair(obj, *pair))
     return Parsed(fmt, [], _string(obj, "text"))
+
+
+def _response(obj: Mapping, key: str) -> Message:
+    """The chosen or rejected response: a string, or a list of one assistant turn (TRL's conversational form)."""
+    value = obj[key]
+    if isinstance(value, str):
+        return {"role": "assistant", "content": _string(obj, key)}
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        turn = value[0]
+        if ROLE_ALIASES.get(turn.get("role")) != "assistant":
+            raise BadRecord(f"{key}[0].role", f"the response must be an assistant turn, got {turn.get('role')!r}")
+        return {"role": "assistant", "content": _string(turn, "content", f"{key}[0].content")}
+    raise BadRecord(key, f"must be a string or a list of one assistant turn, got {_type(value)}")
+
+
+def parse_preference(obj: object) -> tuple[list[Message], list[Message]]:
+    """The chosen and the rejected conversation of a preference record: the same turns, then each its own
+    last assistant turn (the response, the only one scored)."""
+    if not isinstance(obj, dict):
+        raise BadRecord("record", f"expected a JSON object, got {_type(obj)}")
+    missing = [key for key in ("chosen", "rejected") if key not in obj]
+    if missing:
+        keys = ", ".join(sorted(obj)) or "none"
+        raise BadRecord(
+            missing[0],
+            f"missing: a preference record has chosen and rejected, and a prompt unless they are whole "
+            f"conversations (the record has keys: {keys})",
+        )
+    system = _optional_system(obj)
+    if "prompt" in obj:
+        prompt = obj["prompt"]
+        if isinstance(prompt, str):
+            context = [*system, {"role": "user", "content": _string(obj, "prompt")}]
+        else:
+            context = _conversation(prompt, "prompt", "role", "content", system, answer_required=False)
+            if context[-1]["role"] != "user":
+                raise BadRecord("prompt", "must end with a user turn (the responses answer it)")
+        return [*context, _response(obj, "chosen")], [*context, _response(obj, "rejected")]
+    chosen = _conversation(obj["chosen"], "chosen", "role", "content", system, answer_required=True)
+    rejected = _conversation(obj["rejected"], "rejected", "role", "content", system, answer_required=True)
+    for key, conversation in (("chosen", chosen), ("rejected", rejected)):
+        if conversation[-1]["role"] != "assistant":
+            raise BadRecord(key, "must end with an assistant turn, the response")
+    if chosen[:-1] != rejected[:-1]:
+        raise BadRecord("rejected", "must hold the same turns as chosen before its last assistant turn (the prompt)")
+    return chosen, rejected

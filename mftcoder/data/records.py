@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mftcoder.config.schema import DataSource
-from mftcoder.data.formats import BadRecord, Message, parse_record
+from mftcoder.data.formats import BadRecord, Message, parse_preference, parse_record
 from mftcoder.data.tasks import is_saved_dataset, task_files
 from mftcoder.errors import DataError
 
@@ -39,6 +39,8 @@ class Record:
     source: str  # "file:line", for messages about this record
     text: str | None = None  # a plain-text record: every token is a target
     format: str = "chat_rounds"
+    # A preference record: `messages` is the chosen conversation, this the rejected one (same turns but the last).
+    rejected: list[Message] | None = None
 
 
 @dataclass
@@ -163,12 +165,25 @@ def _file_items(path: Path, bad: BadRecords) -> Iterator[tuple[str, object]]:
         raise DataError(f"{path}: cannot read the file ({err})") from None
 
 
+def _parse(obj: object, fmt: str, answer_required: bool, preference: bool, where: str) -> Record:
+    if preference:
+        chosen, rejected = parse_preference(obj)
+        return Record(chosen, where, format="preference", rejected=rejected)
+    parsed = parse_record(obj, fmt, answer_required=answer_required)
+    return Record(parsed.messages, where, parsed.text, parsed.format)
+
+
 def read_task(
-    entry: str | Path | DataSource, bad: BadRecords | None = None, *, answer_required: bool = True
+    entry: str | Path | DataSource,
+    bad: BadRecords | None = None,
+    *,
+    answer_required: bool = True,
+    preference: bool = False,
 ) -> TaskRecords:
     """Every usable record of one task, in file order; bad ones go to `bad` (strict when None).
 
-    `answer_required=False` reads prompts for generation (see `parse_record`)."""
+    `answer_required=False` reads prompts for generation (see `parse_record`); `preference` reads
+    preference records (`parse_preference`)."""
     source = as_source(entry)
     bad = bad if bad is not None else BadRecords()
     records: list[Record] = []
@@ -181,12 +196,12 @@ def read_task(
         for where, obj in items:
             found = True
             try:
-                parsed = parse_record(obj, source.format, answer_required=answer_required)
+                record = _parse(obj, source.format, answer_required, preference, where)
             except BadRecord as err:
                 bad.add(DataError(f"{where}: {err}"))
                 continue
-            records.append(Record(parsed.messages, where, parsed.text, parsed.format))
-            formats[parsed.format] += 1
+            records.append(record)
+            formats[record.format] += 1
         if not found and bad.count == seen:
             bad.add(DataError(f"{path}: empty (no records)"))
     if not records:

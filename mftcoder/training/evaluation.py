@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,6 +16,7 @@ from mftcoder.training.metrics import per_task
 class Evaluation:
     loss: float
     task_loss: dict[str, float]
+    extra: dict = field(default_factory=dict)  # more to log with it (preference training: rewards, accuracy)
 
     @property
     def task_mean(self) -> float:

@@ -24,6 +24,7 @@ from mftcoder.training.checkpoint import SHARDED_STATE, Checkpointer, data_finge
 from mftcoder.training.launch import COMPUTE_DTYPE, run_info
 from mftcoder.training.metrics import MetricsLog, TrainWindow
 from mftcoder.training.optim import build_optimizer, build_scheduler, lr_at, warmup_steps
+from mftcoder.training.preference import build_preference
 from mftcoder.training.resume import check_same_data, resume_point
 from mftcoder.training.state import Progress, Resume, Run, Schedule
 
@@ -161,6 +162,8 @@ def _build_run(
             "rows. Same loss, more compute and memory"
         )
     moe = router_balance(model.config)
+    # Before a checkpoint's weights are loaded: a full fine-tuning DPO run's reference is the base.
+    preference, reference = build_preference(config, acc, model, len(data.tasks))
     # Before `prepare`, every rank loads the same files. A model that ZeRO-3 built partitioned cannot
     # take them (its parameters are empty shards): DeepSpeed's own checkpoint in state/ restores the
     # trained parameters in `load_state`, and the frozen ones are the base's.
@@ -177,7 +180,7 @@ def _build_run(
         check_packed_isolation(model, data.train.flatten, COMPUTE_DTYPE[acc.mixed_precision], acc.device)
     model.train()
     set_seed(config.seed, device_specific=True)
-    window = TrainWindow(len(data.tasks), acc.device)
+    window = TrainWindow(len(data.tasks), acc.device, pairs=preference is not None)
     progress = Progress()
     if resume is not None:
         progress = checkpointer.restore(resume, optimizer, scheduler, balancing, window)
@@ -211,4 +214,6 @@ def _build_run(
         metrics=metrics,
         progress=progress,
         resumed_from=None if resume is None else resume.checkpoint,
+        preference=preference,
+        reference=reference,
     )

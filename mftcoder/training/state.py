@@ -10,6 +10,7 @@ from typing import Any
 from mftcoder.data.dataset import MultiTaskData
 from mftcoder.losses.balancing import Balancing
 from mftcoder.losses.moe import RouterBalance
+from mftcoder.losses.preference import PreferenceLoss
 from mftcoder.training.metrics import MetricsLog, TrainWindow
 
 
@@ -79,6 +80,10 @@ class Run:
     metrics: MetricsLog
     progress: Progress
     resumed_from: Path | None  # the checkpoint this launch resumed from
+    preference: PreferenceLoss | None = None  # training_stage dpo or orpo
+    # The frozen reference model of a full fine-tuning DPO run; None with LoRA (its base with the adapter
+    # disabled is the reference) and for ORPO (none needed).
+    reference: Any = None
 
     @property
     def pad_id(self) -> int:

@@ -85,6 +85,15 @@ def optimizer_step(
             objective, task_sums(ce.detach(), batch, num_tasks), local_counts[i][0], tokens,
             0.0 if aux is None else aux.detach(),
         )  # fmt: skip
+    return finish_step(acc, config, run, step_sums, stop_requested)
+
+
+def finish_step(
+    accelerator, config: TrainConfig, run: Run, step_sums: torch.Tensor, stop_requested: Callable[[], bool]
+) -> StepResult:
+    """After the step's backward passes (`step_sums`: this rank's contribution to the log window): clipping,
+    whether the step was finite and whether a process was asked to stop (the ranks agree), the update."""
+    acc, window = accelerator, run.window
     norm = acc.clip_grad_norm_(run.model.parameters(), config.max_grad_norm or math.inf)
     # One all-reduce tells every rank whether the step was finite and feeds the step's per-task
     # train losses to the balancing strategy (focal's task difficulty).

@@ -26,6 +26,7 @@ from mftcoder.training.checkpoint import Checkpointer
 from mftcoder.training.evaluation import Evaluation, evaluate
 from mftcoder.training.launch import build_accelerator
 from mftcoder.training.metrics import per_task
+from mftcoder.training.preference import evaluate_pairs, preference_step, train_record
 from mftcoder.training.setup import set_up
 from mftcoder.training.signals import StopRequest
 from mftcoder.training.state import Progress, Run
@@ -123,7 +124,8 @@ class Trainer:
         # Logged with the step: the validation update after it sets the next step's weights.
         weights = None if run.balancing.weights is None else run.balancing.weights.clone()
         started = time.perf_counter()
-        result = optimizer_step(self.accelerator, self.config, run, micro_batches, stop_requested)
+        step = optimizer_step if run.preference is None else preference_step
+        result = step(self.accelerator, self.config, run, micro_batches, stop_requested)
         p.train_seconds += time.perf_counter() - started
         p.step += 1
         if result.outcome is Outcome.APPLIED:
@@ -214,6 +216,8 @@ class Trainer:
             "train_seconds": round(p.train_seconds, 3),
             "tokens_per_s": round(p.tokens / max(p.train_seconds, 1e-9), 1),
         }
+        if run.preference is not None:
+            record.update(train_record(run.data.tasks, window.pair_parts(reduced)))
         if p.skipped_steps:
             record["skipped_steps"] = p.skipped_steps
         if (scale := loss_scale(acc, run.model)) is not None:
@@ -237,13 +241,17 @@ class Trainer:
         """Evaluate, log, track the best; (early stopping says stop, this step is the best so far)."""
         config, run = self.config, self.run
         p = run.progress
-        result: Evaluation = evaluate(
-            run.model, self.accelerator, run.data.valid, run.data.tasks, config.per_device_eval_batch_size, run.pad_id
-        )
+        batch_size = config.per_device_eval_batch_size
+        if run.preference is None:
+            result: Evaluation = evaluate(
+                run.model, self.accelerator, run.data.valid, run.data.tasks, batch_size, run.pad_id
+            )
+        else:
+            result = evaluate_pairs(run, self.accelerator, run.data.valid, batch_size)
         p.last_eval_step = p.step
         run.metrics.write(
             {"step": p.step, "split": "valid", "loss": result.loss, "task_mean": result.task_mean,
-             "task_loss": result.task_loss}
+             "task_loss": result.task_loss, **result.extra}
         )  # fmt: skip
         self.accelerator.print(
             f"\nstep {p.step} valid loss {result.loss:.4f} task_mean {result.task_mean:.4f} "
