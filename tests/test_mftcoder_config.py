@@ -237,7 +237,7 @@ def test_dpo_sample_translates_and_loads(workspace: dict[str, Path]) -> None:
     assert "MFTCoder's default true applied" in note_for(notes, "gradient_checkpointing")
 
 
-# What MFTCoder's dpo_train_config.json becomes (spec §7.1: HF TrainingArguments' names for some fields).
+# What MFTCoder's dpo_train_config.json becomes (it spells some fields as HF TrainingArguments does).
 DPO_SAMPLE = {
     "training_stage": "dpo",
     "beta": 0.1,

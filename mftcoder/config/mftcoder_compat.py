@@ -387,7 +387,7 @@ class Rename:
         )
 
 
-# The fields MFTCoder's `XXPOTrainArgs` has beyond `MftTrainArgs` (spec §7.1); the shared ones follow the
+# The fields MFTCoder's `XXPOTrainArgs` has beyond `MftTrainArgs`; the shared ones follow the
 # table above, except those whose HF spelling xxpo reads instead (XXPO_REPLACES).
 XXPO_FIELDS: dict[str, Copy | Ignore | Rename] = {
     "xxpo": Rename("training_stage", _stage),
