@@ -9,7 +9,6 @@ ORPO needs none.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Callable
 
@@ -33,7 +32,7 @@ from mftcoder.losses.preference import (
 from mftcoder.training.evaluation import Evaluation, forward_token_losses
 from mftcoder.training.metrics import per_task, preference_metrics
 from mftcoder.training.state import Run
-from mftcoder.training.step import StepResult, finish_step
+from mftcoder.training.step import StepResult, backward_over_micro_batches, finish_step
 
 
 def build_preference(config: TrainConfig, accelerator, model, num_tasks: int) -> tuple[PreferenceLoss | None, object]:
@@ -81,33 +80,26 @@ def preference_step(
     micro_batches: list[list[int]],
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> StepResult:
-    """`step.optimizer_step` for preference pairs: the step's pairs per task are all-reduced first, so that
-    every micro-batch contributes its share of the whole step's objective."""
-    acc, data, window = accelerator, run.data, run.window
-    num_tasks = len(data.tasks)
-    batches = [data.train.batch(indices, run.pad_id) for indices in micro_batches]
-    local_counts = torch.stack([pair_counts(pair_tasks(b), num_tasks) for b in batches])
-    step_counts = acc.reduce(local_counts.sum(0).to(acc.device), reduction="sum")
-    # accelerate divides by its accumulation steps; DDP averages over ranks: undo both (see step.py).
-    scale = config.gradient_accumulation_steps * acc.num_processes
-    step_sums = window.zeros()
-    for i, (indices, batch) in enumerate(zip(micro_batches, batches, strict=True)):
-        last = i == len(batches) - 1
-        acc.sync_gradients = last
-        with contextlib.nullcontext() if last else acc.no_sync(run.model):
-            batch = to_device(batch, acc.device)
-            losses, policy, ce = pair_forward(run, acc, batch)
-            # A rank whose share ran out has no pair: its objective is a zero still tied to the model.
-            objective = (run.preference.coefficients(policy.task, step_counts) * losses.loss).sum()
-            acc.backward(objective * scale)
-        step_sums += window.micro_batch(
+    """`step.optimizer_step` for preference pairs: the step's pairs per task are what is all-reduced first."""
+    num_tasks = len(run.data.tasks)
+
+    def micro_batch_loss(batch, indices, step_counts, own_counts, scale):
+        losses, policy, ce = pair_forward(run, accelerator, batch)
+        # A rank whose share ran out has no pair: its objective is a zero still tied to the model.
+        objective = (run.preference.coefficients(policy.task, step_counts) * losses.loss).sum()
+        contribution = run.window.micro_batch(
             objective,
             task_sums(ce.detach(), batch, num_tasks),
             task_sums(torch.ones_like(ce), batch, num_tasks),
-            data.train.tokens(indices),
+            run.data.train.tokens(indices),
             pair_stats=pair_stats(losses, policy.task, num_tasks),
         )
-    return finish_step(acc, config, run, step_sums, stop_requested)
+        return objective, contribution
+
+    step_sums = backward_over_micro_batches(
+        accelerator, config, run, micro_batches, lambda b: pair_counts(pair_tasks(b), num_tasks), micro_batch_loss
+    )
+    return finish_step(accelerator, config, run, step_sums, stop_requested)
 
 
 @torch.no_grad()

@@ -38,6 +38,44 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["attention_mask"] if "attention_mask" in batch else batch["tokens"]).bool()
 
 
+# What one micro-batch gives the step: the loss to backpropagate (before the step's scale) and this rank's
+# contribution to the log window. Called with the batch on the device, its sample indices, the step's
+# all-reduced counts, this micro-batch's own counts and the step's scale.
+MicroBatchLoss = Callable[[dict, list[int], torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def backward_over_micro_batches(
+    accelerator,
+    config: TrainConfig,
+    run: Run,
+    micro_batches: list[list[int]],
+    counts: Callable[[dict], torch.Tensor],
+    micro_batch_loss: MicroBatchLoss,
+) -> torch.Tensor:
+    """Forward/backward over the step's micro-batches (lists of sample indices; empty: this rank's share ran
+    out), gradients synchronised at the last one; returns this rank's sums for the log window. The
+    micro-batches' `counts` are all-reduced over the step first, so that each contributes its share of the
+    whole step's objective on all ranks."""
+    acc = accelerator
+    batches = [run.data.train.batch(indices, run.pad_id) for indices in micro_batches]
+    local_counts = [counts(b) for b in batches]
+    step_counts = acc.reduce(torch.stack(local_counts).sum(0).to(acc.device), reduction="sum")
+    # accelerate divides by its accumulation steps; DDP averages over ranks: undo both, since the
+    # coefficients already normalise over the whole step.
+    scale = config.gradient_accumulation_steps * acc.num_processes
+    step_sums = run.window.zeros()
+    for i, (indices, batch) in enumerate(zip(micro_batches, batches, strict=True)):
+        last = i == len(batches) - 1
+        acc.sync_gradients = last
+        with contextlib.nullcontext() if last else acc.no_sync(run.model):
+            loss, contribution = micro_batch_loss(
+                to_device(batch, acc.device), indices, step_counts, local_counts[i], scale
+            )
+            acc.backward(loss * scale)
+        step_sums += contribution
+    return step_sums
+
+
 def optimizer_step(
     accelerator,
     config: TrainConfig,
@@ -45,47 +83,38 @@ def optimizer_step(
     micro_batches: list[list[int]],
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> StepResult:
-    """Forward/backward over the step's micro-batches (lists of sample indices; empty: this rank's share
-    ran out) and the update. `stop_requested`: whether this process has received a stop signal, asked
-    after the backward passes; the ranks learn together whether any did, with the step's own reads."""
-    acc, data, window = accelerator, run.data, run.window
-    num_tasks = len(data.tasks)
-    batches = [data.train.batch(indices, run.pad_id) for indices in micro_batches]
-    local_counts = [batch_counts(b, num_tasks) for b in batches]
-    step_counts = acc.reduce(torch.stack(local_counts).sum(0).to(acc.device), reduction="sum")
-    # accelerate divides by its accumulation steps; DDP averages over ranks: undo both, since the
-    # coefficients already normalise over the whole step.
-    scale = config.gradient_accumulation_steps * acc.num_processes
-    step_sums = window.zeros()
-    for i, (indices, batch) in enumerate(zip(micro_batches, batches, strict=True)):
-        last = i == len(batches) - 1
-        acc.sync_gradients = last
-        with contextlib.nullcontext() if last else acc.no_sync(run.model):
-            batch = to_device(batch, acc.device)
-            if run.moe is None:
-                ce, aux = forward_token_losses(run.model, batch), None
-            else:
-                out = model_outputs(run.model, batch, output_router_logits=True)
-                ce = token_losses(out.logits, batch)
-                # A rank whose share of the step ran out runs a dummy row without real tokens:
-                # nothing to balance (the formula would be 0/0); a zero tied to the router keeps
-                # the same parameters in every rank's graph.
-                aux = (
-                    router_balance_loss(out.router_logits, run.moe, real_tokens(batch))
-                    if indices
-                    else out.router_logits[0].sum() * 0
-                )
-            coef = run.balancing.coefficients(batch, ce, step_counts)
-            objective = (coef * ce).sum()
-            # The router balance loss of each forward, averaged over the step's forwards on all ranks.
-            loss = objective if aux is None else objective + run.moe.coefficient * aux / scale
-            acc.backward(loss * scale)
-        tokens = data.train.tokens(indices)
-        step_sums += window.micro_batch(
-            objective, task_sums(ce.detach(), batch, num_tasks), local_counts[i][0], tokens,
+    """One supervised optimizer step over the micro-batches and the update. `stop_requested`: whether this
+    process has received a stop signal, asked after the backward passes; the ranks learn together whether
+    any did, with the step's own reads."""
+    num_tasks = len(run.data.tasks)
+
+    def micro_batch_loss(batch, indices, step_counts, own_counts, scale):
+        if run.moe is None:
+            ce, aux = forward_token_losses(run.model, batch), None
+        else:
+            out = model_outputs(run.model, batch, output_router_logits=True)
+            ce = token_losses(out.logits, batch)
+            # A rank whose share of the step ran out runs a dummy row without real tokens:
+            # nothing to balance (the formula would be 0/0); a zero tied to the router keeps
+            # the same parameters in every rank's graph.
+            aux = (
+                router_balance_loss(out.router_logits, run.moe, real_tokens(batch))
+                if indices
+                else out.router_logits[0].sum() * 0
+            )
+        objective = (run.balancing.coefficients(batch, ce, step_counts) * ce).sum()
+        # The router balance loss of each forward, averaged over the step's forwards on all ranks.
+        loss = objective if aux is None else objective + run.moe.coefficient * aux / scale
+        contribution = run.window.micro_batch(
+            objective, task_sums(ce.detach(), batch, num_tasks), own_counts[0], run.data.train.tokens(indices),
             0.0 if aux is None else aux.detach(),
         )  # fmt: skip
-    return finish_step(acc, config, run, step_sums, stop_requested)
+        return loss, contribution
+
+    step_sums = backward_over_micro_batches(
+        accelerator, config, run, micro_batches, lambda b: batch_counts(b, num_tasks), micro_batch_loss
+    )
+    return finish_step(accelerator, config, run, step_sums, stop_requested)
 
 
 def finish_step(
