@@ -188,18 +188,20 @@ def _eval_run(args) -> int:
 
     from mftcoder.errors import EvalError
     from mftcoder.evaluate.humaneval import write_json_atomic
-    from mftcoder.evaluate.run_loss import check_run, loss_table, run_loss, weights_dir
+    from mftcoder.evaluate.run_loss import BASE, check_run, loss_table, run_loss, weights_dir
     from mftcoder.generate import check_output
 
     if args.benchmark is not None or args.model is not None:
-        raise EvalError("--run computes the validation loss of a run: give it without a benchmark or --model")
+        raise EvalError("--run computes the loss of a run on its own split: give it without a benchmark or --model")
     run = check_run(args.run)
-    weights = weights_dir(run, args.checkpoint)
-    output = Path(args.output) if args.output else run / "eval" / f"loss-{weights.name}.json"
+    name = BASE if args.checkpoint == BASE else weights_dir(run, args.checkpoint).name
+    # The validation report keeps its historical name; a test report is named apart so neither overwrites the other.
+    suffix = "" if args.split == "valid" else f"-{args.split}"
+    output = Path(args.output) if args.output else run / "eval" / f"loss-{name}{suffix}.json"
     if args.output is None:
         output.parent.mkdir(parents=True, exist_ok=True)
     check_output(output, args.overwrite)
-    result = run_loss(run, args.checkpoint, notice=lambda message: print(message, file=sys.stderr))
+    result = run_loss(run, args.checkpoint, args.split, notice=lambda message: print(message, file=sys.stderr))
     write_json_atomic(output, result.to_dict())
     print(loss_table(result))
     print(f"wrote {output}", file=sys.stderr)
@@ -284,19 +286,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="HumanEval pass@k of a model (completions run in a sandbox), or the per-task validation loss of a run",
+        help="HumanEval pass@k of a model (completions run in a sandbox), or the per-task loss of a run on its own "
+        "validation or held-out test split",
     )
     p.add_argument("benchmark", nargs="?", help="humaneval (see docs/eval.md); leave out with --run")
     p.add_argument("--model", help="as for generate: a model, an adapter (OUTPUT_DIR/final) or OUTPUT_DIR")
     p.add_argument("--base", help="the adapter's base model (default: the base recorded in the adapter)")
     p.add_argument(
-        "--run", metavar="OUTPUT_DIR", help="per-task validation loss and perplexity of this run on its own split"
+        "--run", metavar="OUTPUT_DIR", help="per-task loss and perplexity of this run on its own split (--split)"
     )
     p.add_argument(
-        "--checkpoint", default="final", help="with --run: final (default), best, step-N or a checkpoint directory"
+        "--checkpoint",
+        default="final",
+        help="with --run: final (default), best, step-N, a checkpoint directory, or base (the run's starting "
+        "weights: the base model without adapter, or the pretrained model a full fine-tuning started from)",
     )
     p.add_argument(
-        "--output", help="JSON results (default: OUTPUT_DIR/eval/<benchmark|loss>-<weights>.json, or MODEL/eval/)"
+        "--split",
+        choices=["valid", "test"],
+        default="valid",
+        help="with --run: valid (default; seen by training: best/, early stopping, loss balancing) or test "
+        "(held out: needs data_split [train, valid, test])",
+    )
+    p.add_argument(
+        "--output",
+        help="JSON results (default: OUTPUT_DIR/eval/<benchmark>-<weights>.json, OUTPUT_DIR/eval/loss-<weights|base>"
+        "[-test].json, or MODEL/eval/)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument(

@@ -8,9 +8,10 @@ import torch
 
 from mftcoder.config.schema import RoleMarkers
 from mftcoder.data.batching import collate, epoch_order, rank_micro_batches
+from mftcoder.data.cache import META
 from mftcoder.data.dataset import MultiTaskData, build_datasets, epoch_indices, report_table, steps_per_epoch
 from mftcoder.data.encoding import split_counts, split_records, truncate
-from mftcoder.data.records import Record
+from mftcoder.data.records import Record, read_task
 from mftcoder.data.sample import Sample
 from mftcoder.data.template import ChatFormat, chat_format, tokenize
 from mftcoder.errors import DataError
@@ -69,6 +70,68 @@ def test_split_is_deterministic_and_seeded_per_task():
     assert split_records(records, [0.8, 0.2], seed=1, task="b")[1] != first[1]
     assert sorted(r.source for part in first for r in part) == sorted(r.source for r in records)
     assert len(first[1]) == 10
+
+
+@pytest.fixture
+def ten_records(tmp_path):
+    """A task of 10 distinct prompt/response records."""
+    return write_jsonl(tmp_path / "ten" / "a.jsonl", [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(10)])
+
+
+def ids_of(samples) -> list[list[int]]:
+    return [s.input_ids.tolist() for s in samples]
+
+
+def test_the_test_split_is_encoded_and_held_apart(tiny_config, demo_tokenizer, ten_records):
+    """[0.8, 0.1, 0.1] of 10 records: 8/1/1, each split exactly the records split_records puts in it; the
+    train samples and their pack bins are those of [0.8, 0.2], whose valid records are the valid and test
+    ones here; the counts of what training uses do not move."""
+    held = tiny_config(data_paths=[ten_records], data_split=[0.8, 0.1, 0.1], padding_mode="pack")
+    chat = chat_format(held, demo_tokenizer)
+    data = build_datasets(held, demo_tokenizer, chat)
+    rep = data.report["a"]
+    assert (rep.records, rep.train_records, rep.valid_records, rep.test_records) == (10, 8, 1, 1)
+    assert (rep.train_samples, rep.valid_samples, rep.test_samples) == (8, 1, 1)
+    assert (rep.test_bad, rep.test_dropped, rep.test_truncated) == (0, 0, 0)
+    records = read_task(ten_records).records
+    parts = split_records(records, [0.8, 0.1, 0.1], seed=held.seed, task="a")
+    expected = [
+        [ids.tolist() for ids, _ in tokenize(demo_tokenizer, [chat.render(r.messages) for r in p])] for p in parts
+    ]
+    assert [ids_of(data.train), ids_of(data.valid), ids_of(data.test)] == expected
+    assert data.test.units == 1 and data.test.bins is not None  # packed like valid, one group
+    assert json.loads((data.cache / META).read_text())["tables"] == ["0/train", "0/valid", "0/test"]
+    # the tokens and targets are those of the train and valid samples only, as without a test split
+    assert rep.tokens == sum(len(s.input_ids) for s in data.train + data.valid)
+    assert rep.supervised_tokens == sum(int(s.loss_mask[1:].sum()) for s in data.train + data.valid)
+
+    two_way = tiny_config(data_paths=[ten_records], data_split=[0.8, 0.2], padding_mode="pack")
+    plain = build_datasets(two_way, demo_tokenizer, chat)
+    assert plain.test is None and plain.cache != data.cache
+    assert ids_of(plain.train) == ids_of(data.train)
+    for field in ("members", "offsets", "groups"):
+        assert getattr(plain.train.bins, field).tolist() == getattr(data.train.bins, field).tolist()
+    assert sorted(ids_of(plain.valid)) == sorted(ids_of(data.valid) + ids_of(data.test))
+    other = plain.report["a"]
+    assert (other.train_records, other.valid_records, other.test_records) == (8, 2, 0)
+    assert (other.train_samples, other.valid_samples, other.test_samples, other.dropped_overlength) == (8, 2, 0, 0)
+    assert "test" in report_table(data.report).splitlines()[0]
+    assert "test" not in report_table(plain.report).splitlines()[0]
+
+
+def test_the_test_split_counts_its_drops_apart(tiny_config, demo_tokenizer, long_and_short):
+    config = tiny_config(data_paths=[long_and_short], seq_length=30, overlength="drop", data_split=[0.5, 0.2, 0.3])
+    data = build_datasets(config, demo_tokenizer, chat_format(config, demo_tokenizer))
+    rep = data.report["mixed"]
+    parts = split_records(read_task(long_and_short).records, [0.5, 0.2, 0.3], seed=config.seed, task="mixed")
+    long_in = [sum(int(r.source.rsplit(":", 1)[1]) <= 4 for r in part) for part in parts]  # lines 1-4 are too long
+    assert [len(p) for p in parts] == [5, 2, 3] and long_in == [3, 0, 1]  # the seed puts one in the test split
+    assert rep.dropped_overlength == long_in[0] + long_in[1] and len(rep.dropped_examples) == min(
+        3, rep.dropped_overlength
+    )
+    assert (rep.test_dropped, rep.test_samples) == (long_in[2], 3 - long_in[2])
+    assert rep.train_samples + rep.valid_samples + rep.dropped_overlength == rep.train_records + rep.valid_records
+    assert len(data.test) == rep.test_samples
 
 
 # --- length policy ---------------------------------------------------------------------------

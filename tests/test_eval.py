@@ -1,6 +1,6 @@
 """`mftcoder eval`: the pass@k estimator, the sandbox against hostile completions on real HumanEval
-problems, HumanEval end to end on a trained demo run, the per-task validation loss of that run, and
-bad inputs."""
+problems, HumanEval end to end on a trained demo run, the per-task loss of that run on its validation
+and held-out test splits and of its base model, and bad inputs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from conftest import DEMO_MODEL, reset_accelerate
 
 from mftcoder.cli import main
@@ -155,7 +156,8 @@ def test_hostile_completions_fail_their_own_sample_only(problems, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(small_data, tmp_path_factory) -> Path:
-    """A 2-step LoRA run of the demo model; its OUTPUT_DIR (final/ and a final validation line)."""
+    """A 2-step LoRA run of the demo model with a held-out test split; its OUTPUT_DIR (base_model/,
+    final/ and a final validation line)."""
     from mftcoder.run_config import validate_mapping
     from mftcoder.training.trainer import train
 
@@ -164,7 +166,7 @@ def trained(small_data, tmp_path_factory) -> Path:
             "pretrained_model_path": str(DEMO_MODEL),
             "model_init": "from_config",
             "data_paths": small_data,
-            "data_split": [0.9, 0.1],
+            "data_split": [0.8, 0.1, 0.1],
             "seq_length": 512,
             "output_dir": str(tmp_path_factory.mktemp("eval_run") / "out"),
             "peft_type": "lora",
@@ -230,6 +232,84 @@ def test_run_loss_equals_the_final_validation_line(trained, tmp_path, capsys):
     assert all(task in table for task in logged["task_loss"]) and "ppl" in table
 
 
+@pytest.fixture(scope="module")
+def held_out(trained) -> dict:
+    """The run's test records, found again from its config and split without the trainer's data or
+    evaluation code, and each task's mean target cross-entropy on them (each record run alone) under
+    the base model and under base + the final adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mftcoder.data.encoding import split_records
+    from mftcoder.data.records import read_task
+    from mftcoder.data.tasks import task_name
+    from mftcoder.data.template import chat_format, render_record, tokenize
+    from mftcoder.data.tokenizer import load_tokenizer
+    from mftcoder.run_config import load_config
+
+    config = load_config(trained / "config.yaml")
+    tokenizer = load_tokenizer(config)
+    chat = chat_format(config, tokenizer)
+    records = {}
+    for entry in config.data_paths:
+        everything = read_task(entry).records
+        train, valid, test = split_records(everything, config.data_split, config.seed, task_name(entry))
+        sources = [{r.source for r in part} for part in (train, valid, test)]
+        assert [len(part) for part in sources] == [32, 4, 4]  # 40 records: the splits are disjoint and cover all
+        assert set.union(*sources) == {r.source for r in everything}
+        records[task_name(entry)] = test
+    samples = {task: tokenize(tokenizer, [render_record(chat, r) for r in test]) for task, test in records.items()}
+
+    @torch.no_grad()
+    def losses(model) -> dict[str, float]:
+        found = {}
+        for task, pairs in samples.items():
+            total, count = 0.0, 0
+            for ids, mask in pairs:
+                ids = torch.as_tensor(ids, dtype=torch.long)
+                logits = model(input_ids=ids[None]).logits[0, :-1].float()
+                ce = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
+                target = torch.as_tensor(mask[1:], dtype=torch.bool)
+                total, count = total + float(ce[target].sum()), count + int(target.sum())
+            found[task] = total / count
+        return found
+
+    model = AutoModelForCausalLM.from_pretrained(trained / "base_model", dtype=torch.float32).eval()
+    base = losses(model)
+    final = losses(PeftModel.from_pretrained(model, trained / "final").eval())
+    return {"units": sum(len(test) for test in records.values()), "base": base, "final": final}
+
+
+@pytest.mark.e2e
+def test_run_loss_on_the_test_split_is_that_of_the_held_out_records(trained, held_out, capsys):
+    try:
+        assert main(["eval", "--run", str(trained), "--split", "test"]) == 0
+    finally:
+        reset_accelerate()
+    result = json.loads((trained / "eval" / "loss-final-test.json").read_text())  # the default name
+    assert result["split"] == "test" and result["checkpoint"] == "final" and result["weights"] == str(trained / "final")
+    assert result["test_units"] == held_out["units"] == 12
+    assert result["task_loss"] == pytest.approx(held_out["final"], rel=1e-4)
+    assert "held-out test loss of" in capsys.readouterr().out
+    report = json.loads((trained / "logs" / "data_report.json").read_text())
+    assert [rep["test_samples"] for rep in report.values()] == [4, 4, 4]
+
+
+@pytest.mark.e2e
+def test_run_loss_of_the_base_is_that_of_the_untrained_model(trained, held_out, capsys):
+    try:
+        assert main(["eval", "--run", str(trained), "--checkpoint", "base", "--split", "test"]) == 0
+    finally:
+        reset_accelerate()
+    result = json.loads((trained / "eval" / "loss-base-test.json").read_text())
+    assert result["checkpoint"] == "base" and result["weights"] == str(trained / "base_model")
+    assert result["task_loss"] == pytest.approx(held_out["base"], rel=1e-4)
+    for task, loss in held_out["final"].items():  # two steps at lr 2e-2 moved every task
+        assert abs(result["task_loss"][task] - loss) > 1e-3
+    assert f"loss of the base model {trained / 'base_model'} (before training)" in capsys.readouterr().out
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 
 
@@ -238,6 +318,10 @@ def test_bad_inputs_give_one_line_and_exit_code_2(tmp_path, capsys, trained):
     no_final = tmp_path / "run_without_final"
     no_final.mkdir()
     shutil.copy(trained / "config.yaml", no_final / "config.yaml")
+    no_test = tmp_path / "run_without_test_split"
+    (no_test / "final").mkdir(parents=True)
+    raw = yaml.safe_load((trained / "config.yaml").read_text())
+    (no_test / "config.yaml").write_text(yaml.safe_dump({**raw, "data_split": [0.9, 0.1]}))
     cases = [
         (["eval", "humaneval", "--model", str(tmp_path / "missing")], "missing: no such directory"),
         (["eval", "mbpp", "--model", str(trained)], "unknown benchmark 'mbpp'; available: humaneval"),
@@ -251,6 +335,11 @@ def test_bad_inputs_give_one_line_and_exit_code_2(tmp_path, capsys, trained):
         (["eval", "--run", str(tmp_path)], "no config.yaml"),
         (["eval", "--run", str(no_final)], "final: no such directory (the run has not finished"),
         (["eval", "--run", str(trained), "--checkpoint", "step-9"], "step-9: no such directory"),
+        (
+            ["eval", "--run", str(no_test), "--split", "test"],
+            f"{no_test}/config.yaml: data_split [0.9, 0.1] holds out no test split",
+        ),
+        (["eval", "--run", str(no_test), "--split", "test"], "data_split: [train, valid, test]"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -1,16 +1,17 @@
 """The encoded-data cache: tokenize once, memory-map afterwards.
 
-An entry holds what encoding produced (`encoding.encode_tasks`): every task's train and valid
-samples as Arrow tables (`Dataset.save_to_disk`, read back memory-mapped) and the encoding part of
-the report. Its key is a SHA-256 over everything that output depends on:
+An entry holds what encoding produced (`encoding.encode_tasks`): every task's train, valid and (with
+a test fraction in data_split) test samples as Arrow tables (`Dataset.save_to_disk`, read back
+memory-mapped) and the encoding part of the report. Its key is a SHA-256 over everything that
+output depends on:
 
 - each task's name, format and files (resolved path, size and content digest);
 - the tokenizer (its serialized fast tokenizer, with added and special tokens), the template the
   records are rendered with (`chat.jinja()`, EOS, end-of-turn tokens);
 - seq_length, overlength, on_bad_record, data_split, seed, whether padding_mode is concat
   (which has no length limit) and whether the records are preference pairs (training_stage);
-- the source of the modules that encode (formats, records, tasks, template, encoding, dataset), so that a
-  new mftcoder never reads an entry an older one wrote.
+- the source of the modules that encode (formats, records, tasks, template, encoding, dataset, and
+  sample, whose report the entry stores), so that a new mftcoder never reads an entry an older one wrote.
 
 Everything else (sampling weights, packing, the model, the loss) is applied after loading, so
 changing it reuses the entry. Editing one byte of a data file, or changing seq_length, misses.
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
 META = "meta.json"
 REPORT = "data_report.json"
-ENCODING_MODULES = ("formats.py", "records.py", "tasks.py", "template.py", "encoding.py", "dataset.py")
+ENCODING_MODULES = ("formats.py", "records.py", "tasks.py", "template.py", "encoding.py", "dataset.py", "sample.py")
 _CHUNK = 1 << 20
 
 

@@ -36,6 +36,7 @@ class MultiTaskData:
     report: dict[str, TaskReport]
     weights: list[float] = field(default_factory=list)  # sampling weight per task; empty: all 1
     cache: Path | None = None  # the cache entry the encoded samples were loaded from
+    test: Split | None = None  # the held-out split, when data_split has a test fraction; training never reads it
 
     def __post_init__(self) -> None:
         self.train, self.valid = (s if isinstance(s, Split) else Split(list(s)) for s in (self.train, self.valid))
@@ -153,7 +154,7 @@ def _fill_rates(config: TrainConfig, train: Split, reports: list[TaskReport]) ->
 def assemble(
     config: TrainConfig,
     reports: list[TaskReport],
-    encoded: list[tuple[list[Sample], list[Sample]]],
+    encoded: list[tuple[list[Sample], list[Sample], list[Sample]]],
     *,
     flat: bool = False,
 ) -> MultiTaskData:
@@ -163,7 +164,8 @@ def assemble(
     tasks = [task_name(source) for source in sources]
     train: list[Sample] = []
     valid: list[Sample] = []
-    for source, name, rep, (task_train, task_valid) in zip(sources, tasks, reports, encoded, strict=True):
+    test: list[Sample] = []
+    for source, name, rep, (task_train, task_valid, task_test) in zip(sources, tasks, reports, encoded, strict=True):
         rep.weight = source.weight
         if config.padding_mode == "concat":
             if other := {f: n for f, n in rep.formats.items() if f != "text"}:
@@ -174,8 +176,10 @@ def assemble(
                 )
             task_train = concat_windows(task_train, config.seq_length)
             task_valid = concat_windows(task_valid, config.seq_length)
+            task_test = concat_windows(task_test, config.seq_length)
         per_unit = 2 if config.training_stage != "sft" else 1  # a preference pair is two samples
         rep.train_samples, rep.valid_samples = len(task_train) // per_unit, len(task_valid) // per_unit
+        rep.test_samples = len(task_test) // per_unit
         rep.epoch_samples = epoch_count(rep.train_samples, source.weight)
         if not task_train:
             raise DataError(
@@ -196,17 +200,25 @@ def assemble(
             )
         train += task_train
         valid += task_valid
+        test += task_test
     weights = [source.weight for source in sources]
     groups, _ = weight_groups(weights)
+    unweighted = [0] * len(tasks)  # validation and test are not weighted: one group
     data = MultiTaskData(
         tasks,
         _arrange(config, train, groups, stream=0, flat=flat),
-        _arrange(config, valid, [0] * len(tasks), stream=1, flat=flat),  # validation is not weighted: one group
+        _arrange(config, valid, unweighted, stream=1, flat=flat),
         dict(zip(tasks, reports, strict=True)),
         weights,
+        test=_arrange(config, test, unweighted, stream=2, flat=flat) if held_out_fraction(config) > 0 else None,
     )
     _fill_rates(config, data.train, reports)
     return data
+
+
+def held_out_fraction(config: TrainConfig) -> float:
+    """The fraction of every task's records held out as its test split (0 without one)."""
+    return config.data_split[2] if len(config.data_split) > 2 else 0.0
 
 
 def build_datasets(config: TrainConfig, tokenizer, chat: Renderer, *, flat: bool = False) -> MultiTaskData:
@@ -223,7 +235,9 @@ def build_datasets(config: TrainConfig, tokenizer, chat: Renderer, *, flat: bool
 
 def report_table(report: dict[str, TaskReport]) -> str:
     """The per-task data report as printed at the start of a run."""
-    columns = ("records", "bad", "train", "valid", "dropped", "truncated", "per_epoch", "tokens", "targets")
+    held_out = any(rep.test_records for rep in report.values())
+    columns = ("records", "bad", "train", "valid", *(("test",) if held_out else ()), "dropped", "truncated")
+    columns += ("per_epoch", "tokens", "targets")
     fill = any(rep.fill_rate is not None for rep in report.values())  # pack and concat modes
     lines = [f"{'task':<28}" + "".join(f"{c:>10}" for c in columns) + (f"{'fill':>8}" if fill else "")]
     for name, rep in report.items():
@@ -232,6 +246,7 @@ def report_table(report: dict[str, TaskReport]) -> str:
             rep.bad_records,
             rep.train_samples,
             rep.valid_samples,
+            *((rep.test_samples,) if held_out else ()),
             rep.dropped_overlength,
             rep.truncated,
             rep.epoch_samples,

@@ -1,9 +1,12 @@
 """Records -> samples: seeded split, rendering, tokenizing, length policy, per-task counts, cached.
 
 Per task: read the records (bad ones raised or counted), split them with `seed` and the task name,
-render and tokenize the train and valid splits, apply the length policy, and count everything in
-a `TaskReport`. Every record read ends up in exactly one of: bad, test split, dropped, a train or
-a valid sample.
+render and tokenize every split, apply the length policy, and count everything in a `TaskReport`.
+Every record read ends up in exactly one of: bad, dropped, a train, valid or test sample. The test
+split (a third `data_split` fraction) is held out: training never reads it, `mftcoder eval --run
+--split test` does. It goes through the same policies (a bad or over-long test record stops the
+run under `error` like any other), but is counted in its own fields of the report, so that the
+counts of what training uses do not depend on whether there is one.
 
 Length policy for a sample longer than `seq_length` (`overlength`): `drop` it, stop with an
 `error`, or `truncate` it:
@@ -319,7 +322,8 @@ def encode_split(
 
 def encode_tasks(config: TrainConfig, tokenizer, chat: Renderer, scratch: Path) -> tuple[dict, dict]:
     """Every task read, split and encoded: ({"reports": [TaskReport as a dict per task]},
-    {"<task index>/train" and "/valid": datasets.Dataset}), what the cache stores."""
+    {"<task index>/train", "/valid" and, with a test fraction, "/test": datasets.Dataset}), what the
+    cache stores."""
     reports, tables = [], {}
     for task_id, entry in enumerate(config.data_paths):
         source = as_source(entry)
@@ -337,6 +341,11 @@ def encode_tasks(config: TrainConfig, tokenizer, chat: Renderer, scratch: Path) 
             where = scratch / f"{task_id}-{split}"
             tables[f"{task_id}/{split}"] = encode_split(records, tokenizer, chat, config, rep, bad, where)
         rep.bad_records, rep.bad_examples = bad.count, bad.examples
+        if len(parts) > 2:
+            held, held_bad = TaskReport(), BadRecords(config.on_bad_record)
+            where = scratch / f"{task_id}-test"
+            tables[f"{task_id}/test"] = encode_split(parts[2], tokenizer, chat, config, held, held_bad, where)
+            rep.test_bad, rep.test_dropped, rep.test_truncated = held_bad.count, held.dropped_overlength, held.truncated
         reports.append(asdict(rep))
     return {"reports": reports}, tables
 
@@ -362,13 +371,21 @@ def samples_of(table, task_id: int, columns: tuple[str, str] = SAMPLE_COLUMNS) -
 
 def load_encoded(
     config: TrainConfig, tokenizer, chat: Renderer
-) -> tuple[list[TaskReport], list[tuple[list[Sample], list[Sample]]], Path]:
-    """Every task's report and (train, valid) samples from the cache, encoding them first when they
-    are not there, and the cache entry they were loaded from."""
+) -> tuple[list[TaskReport], list[tuple[list[Sample], list[Sample], list[Sample]]], Path]:
+    """Every task's report and (train, valid, test) samples from the cache, encoding them first when
+    they are not there, and the cache entry they were loaded from. Without a test fraction, test is []."""
     entry = cache.load_or_build(config, tokenizer, chat, lambda scratch: encode_tasks(config, tokenizer, chat, scratch))
     reports = [TaskReport(**rep) for rep in entry.meta["reports"]]
     read = pairs_of if config.training_stage != "sft" else samples_of
-    encoded = [(read(entry.tables[f"{i}/train"], i), read(entry.tables[f"{i}/valid"], i)) for i in range(len(reports))]
+    tables = entry.tables
+    encoded = [
+        (
+            read(tables[f"{i}/train"], i),
+            read(tables[f"{i}/valid"], i),
+            read(tables[f"{i}/test"], i) if f"{i}/test" in tables else [],
+        )
+        for i in range(len(reports))
+    ]
     return reports, encoded, entry.path
 
 

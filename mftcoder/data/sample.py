@@ -23,14 +23,15 @@ class TaskReport:
     path: str = ""
     formats: dict[str, int] = field(default_factory=dict)  # usable records per detected format
     records: int = 0  # read, good and bad
-    bad_records: int = 0
+    bad_records: int = 0  # unreadable, or found bad when rendering the train or valid split
     train_records: int = 0  # parsed records per split (rendering may still find some bad)
     valid_records: int = 0
     test_records: int = 0
-    dropped_overlength: int = 0
-    truncated: int = 0
+    dropped_overlength: int = 0  # of the train and valid splits
+    truncated: int = 0  # of the train and valid splits
     train_samples: int = 0
     valid_samples: int = 0
+    test_samples: int = 0
     weight: float = 1.0
     epoch_samples: int = 0  # train samples drawn per epoch, after the sampling weight
     tokens: int = 0  # of the train and valid samples
@@ -39,3 +40,8 @@ class TaskReport:
     bad_examples: list[str] = field(default_factory=list)
     dropped_examples: list[str] = field(default_factory=list)
     truncated_examples: list[str] = field(default_factory=list)
+    # The test split is counted apart, so that the counts above, those of the data training uses, are
+    # the same with or without one.
+    test_bad: int = 0
+    test_dropped: int = 0
+    test_truncated: int = 0

@@ -1,4 +1,4 @@
-"""Per-task validation loss and perplexity of a trained run's weights, on the run's own validation split.
+"""Per-task loss and perplexity of a trained run's weights on the run's own validation or test split.
 
 Everything goes through the trainer's own code paths, so the numbers are those training would log
 for the same weights: the run's resolved `config.yaml` (`mftcoder.run_config.load_config`), its data
@@ -7,6 +7,11 @@ length policy, seeded split and packing), the model built as training builds it 
 wrapping, the checkpoint's weights via `mftcoder.training.checkpoint.load_weights`), an Accelerator
 made from the config (`build_accelerator`: same mixed precision; under `accelerate launch` the
 split is shared across processes), and `mftcoder.training.evaluation.evaluate`.
+
+The validation split is not held out: training evaluates on it and picks best/, stops early and
+balances task weights by it. The test split (a third `data_split` fraction) is never read by
+training. `--checkpoint base` evaluates the weights the run started from (the base model without
+the adapter, or the model a full fine-tuning started from), the reference for what training changed.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mftcoder.data.dataset import build_datasets
+from mftcoder.data.dataset import build_datasets, held_out_fraction
 from mftcoder.data.template import chat_format
 from mftcoder.data.tokenizer import load_tokenizer
 from mftcoder.errors import EvalError
@@ -27,27 +32,34 @@ from mftcoder.training.checkpoint import load_weights
 from mftcoder.training.evaluation import evaluate
 from mftcoder.training.launch import COMPUTE_DTYPE, build_accelerator
 
+SPLITS = ("valid", "test")
+# --checkpoint base: the run's starting weights rather than a directory it wrote.
+BASE = "base"
+
 
 @dataclass(frozen=True)
 class RunLoss:
     run: Path
+    checkpoint: str  # as given: final, best, step-N, base or a directory
     weights: Path
+    split: str
     loss: float
     task_mean: float
     task_loss: dict[str, float]
-    valid_units: int
+    units: int
 
     def to_dict(self) -> dict:
         return {
             "run": str(self.run),
+            "checkpoint": self.checkpoint,
             "weights": str(self.weights),
-            "split": "valid",
+            "split": self.split,
             "loss": self.loss,
             "perplexity": _ppl(self.loss),
             "task_mean": self.task_mean,
             "task_loss": self.task_loss,
             "task_perplexity": {task: _ppl(loss) for task, loss in self.task_loss.items()},
-            "valid_units": self.valid_units,
+            f"{self.split}_units": self.units,
         }
 
 
@@ -83,14 +95,28 @@ def check_run(run_dir: str | Path) -> Path:
     return run
 
 
-def run_loss(run_dir: str | Path, which: str = "final", notice=print) -> RunLoss:
+def check_split(run: Path, config, split: str) -> None:
+    if split not in SPLITS:
+        raise EvalError(f"--split {split}: expected one of {', '.join(SPLITS)}")
+    if split == "test" and held_out_fraction(config) == 0:
+        raise EvalError(
+            f"{run}/config.yaml: data_split {config.data_split} holds out no test split, so there is nothing to "
+            "evaluate with --split test; train with a third fraction, data_split: [train, valid, test] "
+            "(e.g. [0.8, 0.1, 0.1]), or evaluate the validation split (--split valid)"
+        )
+
+
+def run_loss(run_dir: str | Path, which: str = "final", split: str = "valid", notice=print) -> RunLoss:
+    """The loss of the run's `which` weights (final, best, step-N, a directory, or `base`: its starting
+    weights) on its `split` (valid or test)."""
     run = check_run(run_dir)
-    weights = weights_dir(run, which)
+    weights = None if which == BASE else weights_dir(run, which)
     config = load_config(run / "config.yaml", notice=notice)
+    check_split(run, config, split)
     peft = bool(config.peft_type)
-    if peft and not (weights / "adapter_model.safetensors").is_file():
+    if weights is not None and peft and not (weights / "adapter_model.safetensors").is_file():
         raise EvalError(f"{weights}: no adapter_model.safetensors (the run trains a {config.peft_type} adapter)")
-    if not peft and not any(weights.glob("model*.safetensors")):
+    if weights is not None and not peft and not any(weights.glob("model*.safetensors")):
         raise EvalError(f"{weights}: no model*.safetensors (the run fine-tunes the full model)")
     base = None
     if config.model_init == "from_config":
@@ -103,10 +129,18 @@ def run_loss(run_dir: str | Path, which: str = "final", notice=print) -> RunLoss
     attention = resolve_attention(config)
     tokenizer = load_tokenizer(config)
     data = build_datasets(config, tokenizer, chat_format(config, tokenizer), flat=attention == "flash_attention_2")
-    if not data.valid or data.valid.units == 0:
-        raise EvalError(f"{run}/config.yaml: the run has no validation split (data_split gives it no samples)")
+    evaluated = data.valid if split == "valid" else data.test
+    if not evaluated or evaluated.units == 0:
+        raise EvalError(f"{run}/config.yaml: the run has no {split} split (data_split gives it no samples)")
+    for task, rep in data.report.items():
+        if not getattr(rep, f"{split}_samples"):
+            records = getattr(rep, f"{split}_records")
+            notice(f"task '{task}' has no {split} sample ({records} records, all bad or dropped): left out")
     compute = COMPUTE_DTYPE[accelerator.mixed_precision]
-    if peft:
+    if weights is None:  # the starting point: the base as training loaded it, no adapter
+        model = load_model(config, tokenizer, compute if peft else torch.float32, attention, source=base)
+        weights = base or Path(config.pretrained_model_path)
+    elif peft:
         model = load_model(config, tokenizer, compute, attention, source=base)
         model = wrap_lora(config, model)
         cast_trainable(model, torch.float32)
@@ -115,16 +149,18 @@ def run_loss(run_dir: str | Path, which: str = "final", notice=print) -> RunLoss
         model = load_model(config, tokenizer, torch.float32, attention, source=weights)
     model = accelerator.prepare(model)
     result = evaluate(
-        model, accelerator, data.valid, data.tasks, config.per_device_eval_batch_size, tokenizer.pad_token_id
+        model, accelerator, evaluated, data.tasks, config.per_device_eval_batch_size, tokenizer.pad_token_id
     )
     accelerator.end_training()
-    return RunLoss(run, weights, result.loss, result.task_mean, result.task_loss, data.valid.units)
+    return RunLoss(run, which, weights, split, result.loss, result.task_mean, result.task_loss, evaluated.units)
 
 
 def loss_table(result: RunLoss) -> str:
     width = max(len("all tasks"), *(len(t) for t in result.task_loss))
+    what = {"valid": "validation", "test": "held-out test"}[result.split]
+    weights = f"the base model {result.weights} (before training)" if result.checkpoint == BASE else result.weights
     lines = [
-        f"validation loss of {result.weights} ({result.valid_units} units)",
+        f"{what} loss of {weights} ({result.units} units)",
         f"  {'task':<{width}} {'loss':>8} {'ppl':>10}",
     ]
     for task, loss in result.task_loss.items():
