@@ -68,6 +68,19 @@ def train(out: Path, data: Path, method: str, seed: int, steps: int) -> Path:
     return run
 
 
+def trained_on(run: Path) -> dict:
+    """The tokens and target tokens the run trained on (cumulative in its log; the same for every
+    method of a seed: same batches), and the task weights it ended with (CoBa moves them)."""
+    lines = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [line for line in lines if line["split"] == "train"]
+    return {
+        "steps": train[-1]["step"],
+        "tokens": train[-1]["tokens"],
+        "targets": train[-1]["targets"],
+        "task_weight": next((line["task_weight"] for line in reversed(train) if "task_weight" in line), None),
+    }
+
+
 def test_loss(run: Path, which: str, report: Path) -> dict[str, float]:
     """Per-task loss of `which` (final or base) on `run`'s test split."""
     if not report.is_file():
@@ -99,12 +112,14 @@ def run_experiment(out: Path, seeds: list[int], steps: int, limit: int | None) -
         "humaneval_problems": limit or 164,
         "test_loss": {},
         "humaneval_pass@1": {},
+        "runs": {},
     }
     base_pass = humaneval(MODEL, reports / "humaneval-base.json", limit)
     results["humaneval_pass@1"][BASE] = {str(seed): base_pass for seed in seeds}  # greedy: the same every seed
     for seed in seeds:
         for method in METHODS:
             run = train(out, data, method, seed, steps)
+            results["runs"][run.name] = trained_on(run)
             if method == next(iter(METHODS)):  # the base is the same for every method of a seed (same split)
                 base = test_loss(run, "base", reports / f"test-loss-base-seed{seed}.json")
                 results["test_loss"].setdefault(BASE, {})[str(seed)] = base
@@ -137,7 +152,19 @@ def tables(results: dict) -> str:
         f"Test loss per task (lower is better; mean ± sd over seeds {seeds}) after {results['steps']} steps, "
         f"and HumanEval pass@1 (greedy, {results['humaneval_problems']} problems).\n\n"
     )
-    return caption + "\n".join(rows) + "\n"
+    return caption + "\n".join(rows) + "\n" + _volumes(results.get("runs", {}))
+
+
+def _volumes(runs: dict) -> str:
+    """What every run trained on, per seed: one figure when all methods saw the same tokens."""
+    lines = []
+    for seed in sorted({name.rsplit("-seed", 1)[1] for name in runs}, key=int):
+        seen = {(r["steps"], r["tokens"], r["targets"]) for n, r in runs.items() if n.endswith(f"-seed{seed}")}
+        what = "; ".join(
+            f"{steps} steps, {tokens:,} tokens, {targets:,} target tokens" for steps, tokens, targets in seen
+        )
+        lines.append(f"- seed {seed}: {'every method: ' if len(seen) == 1 else 'differs by method: '}{what}")
+    return "\nTrained on:\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def plot(results: dict, path: Path) -> None:

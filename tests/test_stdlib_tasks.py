@@ -181,3 +181,14 @@ def test_the_experiment_runs_end_to_end(tmp_path):
         assert set(per_seed["1"]) == set(stdlib_tasks.TASKS)
     assert set(results["humaneval_pass@1"]) == {"base", "mixed", "case3", "coba"}
     assert (tmp_path / "results.md").is_file() and (tmp_path / "mft_vs_sft.png").is_file()
+
+
+def test_experiment_volumes_say_whether_methods_saw_the_same_tokens():
+    import mft_vs_sft
+
+    same = {"steps": 80, "tokens": 71321, "targets": 21762, "task_weight": None}
+    runs = {"mixed-seed1": same, "case3-seed1": same, "mixed-seed2": same, "case3-seed2": {**same, "tokens": 5}}
+    text = mft_vs_sft._volumes(runs)
+    assert "- seed 1: every method: 80 steps, 71,321 tokens, 21,762 target tokens" in text
+    assert "- seed 2: differs by method: " in text
+    assert mft_vs_sft._volumes({}) == ""
