@@ -357,6 +357,11 @@ class TrainConfig(BaseModel):
         return self.data_split[1]
 
     @property
+    def held_out_fraction(self) -> float:
+        """The fraction of every task's records held out as its test split (0 without one)."""
+        return self.data_split[2] if len(self.data_split) > 2 else 0.0
+
+    @property
     def loss_mode(self) -> LossMode:
         return loss_mode(self.weighted_loss_mode, self.focal_level)
 

@@ -210,15 +210,10 @@ def assemble(
         _arrange(config, valid, unweighted, stream=1, flat=flat),
         dict(zip(tasks, reports, strict=True)),
         weights,
-        test=_arrange(config, test, unweighted, stream=2, flat=flat) if held_out_fraction(config) > 0 else None,
+        test=_arrange(config, test, unweighted, stream=2, flat=flat) if config.held_out_fraction > 0 else None,
     )
     _fill_rates(config, data.train, reports)
     return data
-
-
-def held_out_fraction(config: TrainConfig) -> float:
-    """The fraction of every task's records held out as its test split (0 without one)."""
-    return config.data_split[2] if len(config.data_split) > 2 else 0.0
 
 
 def build_datasets(config: TrainConfig, tokenizer, chat: Renderer, *, flat: bool = False) -> MultiTaskData:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mftcoder.data.dataset import build_datasets, held_out_fraction
+from mftcoder.data.dataset import build_datasets
 from mftcoder.data.template import chat_format
 from mftcoder.data.tokenizer import load_tokenizer
 from mftcoder.errors import EvalError
@@ -98,7 +98,7 @@ def check_run(run_dir: str | Path) -> Path:
 def check_split(run: Path, config, split: str) -> None:
     if split not in SPLITS:
         raise EvalError(f"--split {split}: expected one of {', '.join(SPLITS)}")
-    if split == "test" and held_out_fraction(config) == 0:
+    if split == "test" and config.held_out_fraction == 0:
         raise EvalError(
             f"{run}/config.yaml: data_split {config.data_split} holds out no test split, so there is nothing to "
             "evaluate with --split test; train with a third fraction, data_split: [train, valid, test] "
