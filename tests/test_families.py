@@ -14,8 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from mftcoder.config import TrainConfig
 from mftcoder.errors import ConfigError, TrainingError
 from mftcoder.models import families
+from mftcoder.models.attention import attention_implementation
 from mftcoder.models.families import FAMILIES
-from mftcoder.models.loading import attention_implementation, expert_rank_patterns, wrap_lora
+from mftcoder.models.loading import expert_rank_patterns, wrap_lora
 from mftcoder.run_config import validate_mapping
 
 RANK, ALPHA, VOCAB = 4, 8, 128

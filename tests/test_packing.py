@@ -19,6 +19,7 @@ from mftcoder.data.sample import Sample
 from mftcoder.data.template import chat_format
 from mftcoder.errors import ConfigError, DataError
 from mftcoder.losses.modes import batch_counts, task_sums, token_coefficients
+from mftcoder.models.attention import FLAT_LAYOUT, PER_SAMPLE_SDPA
 from mftcoder.models.packing_check import ROWS_TOLERANCE, check_packed_isolation, measure_isolation, rounding_tolerance
 from mftcoder.run_config import load_config
 from mftcoder.training.evaluation import MODEL_INPUTS, forward_token_losses
@@ -225,7 +226,7 @@ def worst_difference(model, rows: list[list[Sample]], batch) -> float:
         start = 0
         for s in row:
             n = len(s.input_ids)
-            alone = logits_of(model, collate([s], 0))[0]
+            alone = logits_of(model, collate_flat([s], 0) if "cu_seq_lens_q" in batch else collate([s], 0))[0]
             worst = max(worst, float((packed[r, start : start + n] - alone).abs().max()))
             start += n
     return worst
@@ -279,7 +280,12 @@ def tiny_family_model(model_type: str, attn: str):
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 
 
-FAMILY_CASES = [(t, a) for t in ISOLATION_VERIFIED for a in ("sdpa", "eager") if not (t == "gemma2" and a == "sdpa")]
+FAMILY_CASES = [
+    (t, a)
+    for t in ISOLATION_VERIFIED
+    for a in ("sdpa", PER_SAMPLE_SDPA, "eager")
+    if not (t == "gemma2" and a != "eager")
+]
 
 
 @pytest.mark.parametrize(("model_type", "attn"), FAMILY_CASES)
@@ -287,7 +293,11 @@ def test_every_verified_family_isolates_packed_samples(model_type, attn):
     model = tiny_family_model(model_type, attn)
     rng = np.random.default_rng(1)
     rows = [[sample(rng.integers(3, 120, n), task=n % 2) for n in lengths] for lengths in ([5, 9, 3], [7, 6])]
-    assert worst_difference(model, rows, collate_packed(rows, 0)) < 1e-5
+    if attn in FLAT_LAYOUT:
+        flat = [s for row in rows for s in row]
+        assert worst_difference(model, [flat], collate_flat(flat, 0)) < 1e-5
+    else:
+        assert worst_difference(model, rows, collate_packed(rows, 0)) < 1e-5
 
 
 def test_a_bin_of_two_tasks_gives_each_task_its_unpacked_loss(chat_and_text_rows):
@@ -336,8 +346,8 @@ def test_flash_attention_flat_layout_isolates_samples():
 # --- the start-up check on the loaded model ------------------------------------------------------
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize(("attn", "flat"), [("sdpa", False), ("sdpa", True), ("eager", False), ("eager", True),
+                                           (PER_SAMPLE_SDPA, True)])  # fmt: skip
 def test_start_up_check_passes_the_demo_model_and_keeps_its_mode(attn, flat):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(DEMO_MODEL), attn_implementation=attn)
@@ -451,7 +461,9 @@ def test_a_hub_model_validation_could_not_read_is_checked_at_load(tiny_config, t
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    settings = {"pretrained_model_path": "acme/tiny-opt", "tokenizer_path": str(DEMO_MODEL), "padding_mode": "pack"}
+    # eager: OPT's per-sample sdpa on the CPU (the flat layout) would isolate the samples
+    settings = {"pretrained_model_path": "acme/tiny-opt", "tokenizer_path": str(DEMO_MODEL), "padding_mode": "pack",
+                "attn_implementation": "eager"}  # fmt: skip
     config = tiny_config(**settings)
     repo = tmp_path / "hub" / "models--acme--tiny-opt"
     (repo / "snapshots" / "abc123").mkdir(parents=True)
@@ -462,7 +474,7 @@ def test_a_hub_model_validation_could_not_read_is_checked_at_load(tiny_config, t
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # downloaded: nothing may reach the network
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(
-        ConfigError, match=r"packed samples see each other in OPTForCausalLM with attn_implementation sdpa"
+        ConfigError, match=r"packed samples see each other in OPTForCausalLM with attn_implementation eager"
     ):
         Trainer(config).train()
     assert not (tmp_path / "out" / "final").exists()

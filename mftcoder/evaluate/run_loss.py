@@ -26,7 +26,8 @@ from mftcoder.data.dataset import build_datasets
 from mftcoder.data.template import chat_format
 from mftcoder.data.tokenizer import load_tokenizer
 from mftcoder.errors import EvalError
-from mftcoder.models.loading import cast_trainable, load_model, resolve_attention, wrap_lora
+from mftcoder.models.attention import FLAT_LAYOUT, resolve_attention
+from mftcoder.models.loading import cast_trainable, load_model, wrap_lora
 from mftcoder.run_config import load_config
 from mftcoder.training.checkpoint import load_weights
 from mftcoder.training.evaluation import evaluate
@@ -126,9 +127,9 @@ def run_loss(run_dir: str | Path, which: str = "final", split: str = "valid", no
                 f"{base}: no such directory; the run initialised its model from a config and saves it there"
             )
     accelerator = build_accelerator(config)
-    attention = resolve_attention(config)
+    attention = resolve_attention(config, accelerator.device)
     tokenizer = load_tokenizer(config)
-    data = build_datasets(config, tokenizer, chat_format(config, tokenizer), flat=attention == "flash_attention_2")
+    data = build_datasets(config, tokenizer, chat_format(config, tokenizer), flat=attention in FLAT_LAYOUT)
     evaluated = data.valid if split == "valid" else data.test
     if not evaluated or evaluated.units == 0:
         raise EvalError(f"{run}/config.yaml: the run has no {split} split (data_split gives it no samples)")

@@ -1,9 +1,8 @@
-"""Model loading: dtype, attention implementation, 4/8-bit bases, new tokens, LoRA wrapping."""
+"""Model loading: dtype, 4/8-bit bases, new tokens, LoRA wrapping (the attention is chosen in models/attention.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import warnings
 
 import torch
@@ -15,24 +14,6 @@ from mftcoder.errors import ConfigError, Issue, TrainingError
 from mftcoder.models.families import config_issues, family, fused_experts, lora_targets
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def attention_implementation(model_type: str) -> str:
-    """What `attn_implementation: auto` picks for a model type: flash-attention-2 where it is installed and can
-    run (CUDA), else sdpa, or eager for families whose sdpa path misbehaves."""
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    fam = family(model_type)
-    return "eager" if fam and fam.no_sdpa else "sdpa"
-
-
-def resolve_attention(config: TrainConfig) -> str:
-    """The run's attention implementation, decided once at launch: the model loads with it and the data takes
-    the batch layout it needs."""
-    if config.attn_implementation != "auto":
-        return config.attn_implementation
-    model_config = AutoConfig.from_pretrained(config.pretrained_model_path, trust_remote_code=config.trust_remote_code)
-    return attention_implementation(model_config.model_type)
 
 
 def quantization_config(bits: int, dtype: torch.dtype) -> BitsAndBytesConfig:

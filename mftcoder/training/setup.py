@@ -16,7 +16,8 @@ from mftcoder.data.template import chat_format
 from mftcoder.data.tokenizer import load_tokenizer
 from mftcoder.losses.moe import router_balance
 from mftcoder.losses.weighting import balancing_warnings, build_balancing
-from mftcoder.models.loading import cast_trainable, load_model, resolve_attention, wrap_lora
+from mftcoder.models.attention import FLAT_LAYOUT, resolve_attention
+from mftcoder.models.loading import cast_trainable, load_model, wrap_lora
 from mftcoder.models.logits import base_class, logits_at_mask
 from mftcoder.models.packing_check import check_packed_isolation
 from mftcoder.training import outputs
@@ -42,9 +43,9 @@ def set_up(config: TrainConfig, accelerator, checkpointer: Checkpointer) -> Run:
         f"mixed_precision={info['mixed_precision']} gradient_accumulation={config.gradient_accumulation_steps} "
         f"global_batch={info['global_batch_size']} device={info['device']}"
     )
-    attention = resolve_attention(config)
+    attention = resolve_attention(config, accelerator.device)
     tokenizer = load_tokenizer(config)
-    data = build_datasets(config, tokenizer, chat_format(config, tokenizer), flat=attention == "flash_attention_2")
+    data = build_datasets(config, tokenizer, chat_format(config, tokenizer), flat=attention in FLAT_LAYOUT)
     fingerprint = data_fingerprint(data.train + data.valid)
     if resume is not None:
         check_same_data(resume, fingerprint)
