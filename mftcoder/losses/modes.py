@@ -56,9 +56,17 @@ class _CrossEntropy(torch.autograd.Function):
         grad_logits = logits if ctx.overwrite else torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.rows):
             part = slice(start, start + ctx.rows)
-            probs = torch.exp(logits[part].float() - lse[part, None])
-            probs.scatter_add_(1, targets[part, None], torch.full_like(probs[:, :1], -1.0))
-            grad_logits[part] = probs * grad[part, None]
+            out = grad_logits[part]
+            # In place, in the gradient's own memory where it is fp32: a fresh [rows, V] tensor per operation
+            # would cost more in page faults than the arithmetic does on a CPU.
+            if out.dtype == torch.float32:
+                probs = torch.sub(logits[part], lse[part, None], out=out)
+            else:
+                probs = logits[part].float().sub_(lse[part, None])
+            probs.exp_().scatter_add_(1, targets[part, None], torch.full_like(probs[:, :1], -1.0))
+            probs.mul_(grad[part, None])
+            if probs is not out:
+                out.copy_(probs)
         return grad_logits, None, None
 
 
