@@ -60,6 +60,9 @@ def _sliding_causal_mask(length: int, window: int, device: torch.device) -> torc
     return (distance >= 0) & (distance < window)
 
 
+# Not traced by torch.compile: the sample lengths are data, and a graph specialised on them would be
+# recompiled for every batch (until the recompile limit, then left uncompiled).
+@torch.compiler.disable
 def sdpa_per_sample(
     module: torch.nn.Module,
     query: torch.Tensor,

@@ -22,6 +22,7 @@ from mftcoder.models.logits import base_class, logits_at_mask
 from mftcoder.models.packing_check import check_packed_isolation
 from mftcoder.training import outputs
 from mftcoder.training.checkpoint import SHARDED_STATE, Checkpointer, data_fingerprint, load_weights
+from mftcoder.training.cpu_allocator import keep_freed_memory
 from mftcoder.training.launch import COMPUTE_DTYPE, run_info
 from mftcoder.training.metrics import MetricsLog, TrainWindow
 from mftcoder.training.optim import build_optimizer, build_scheduler, lr_at, warmup_steps
@@ -34,6 +35,8 @@ def set_up(config: TrainConfig, accelerator, checkpointer: Checkpointer) -> Run:
     """Everything the loop needs, at the step resumed from. Refuses a used output directory before anything
     is written, and writes nothing until the data has loaded, so that a bad record leaves no half-started run."""
     info = run_info(accelerator, config)
+    if accelerator.device.type == "cpu":
+        info["cpu_allocator_keeps_freed_memory"] = keep_freed_memory()
     resume = resume_point(config, accelerator)
     if resume is not None:
         info["resumed_from"] = str(resume.checkpoint)
