@@ -7,11 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEMO_MODEL
+from test_families import TINY
 from test_packing import sample
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mftcoder.config import TrainConfig
 from mftcoder.data.batching import MODEL_INPUTS, collate_flat, collate_packed
+from mftcoder.data.packing import ISOLATION_VERIFIED
 from mftcoder.errors import TrainingError
 from mftcoder.models.attention import FLAT_LAYOUT, PER_SAMPLE_SDPA, resolve_attention, sdpa_per_sample
 
@@ -111,6 +113,43 @@ def test_demo_model_losses_and_gradients_equal_the_masked_packed_rows():
         torch.testing.assert_close(grads_flat[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+# Windows shorter than the samples below, on the layers that slide (Qwen2 and Qwen2-MoE: every layer).
+WINDOWS = {
+    "mistral": {"sliding_window": 3}, "mixtral": {"sliding_window": 3}, "starcoder2": {"sliding_window": 3},
+    "phi3": {"sliding_window": 3}, "gemma3_text": {"sliding_window": 3},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 0},
+    "qwen2_moe": {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 2},
+    "qwen3_moe": {"use_sliding_window": True, "sliding_window": 3},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", [t for t in ISOLATION_VERIFIED if t != "gemma2"])  # gemma2: no sdpa
+def test_every_family_attends_per_sample_as_eager_attends_its_packed_rows(model_type):
+    """Against eager attention on packed rows with the same weights (its isolation is tested in
+    test_packing.py), with sliding windows shorter than the samples where the family has them."""
+    eager, per_sample = (
+        AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(model_type, **TINY[model_type], **WINDOWS.get(model_type, {})),
+            attn_implementation=attn,
+        ).eval()
+        for attn in ("eager", PER_SAMPLE_SDPA)
+    )
+    per_sample.load_state_dict(eager.state_dict())
+    g = torch.Generator().manual_seed(1)
+    rows = [
+        [sample(torch.randint(3, 120, (n,), generator=g).numpy()) for n in lengths] for lengths in ([5, 9, 3], [7, 6])
+    ]
+
+    def logits(model, batch):
+        with torch.no_grad():
+            return model(**{key: batch[key] for key in MODEL_INPUTS if key in batch}, use_cache=False).logits
+
+    packed = logits(eager, collate_packed(rows, 0))
+    flat = logits(per_sample, collate_flat([s for row in rows for s in row], 0))[0]
+    expected = torch.cat([packed[r, : sum(len(s.input_ids) for s in row)] for r, row in enumerate(rows)])
+    torch.testing.assert_close(flat, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -134,6 +173,8 @@ def test_bidirectional_attention_is_refused():
     q, k, v = qkv()
     with pytest.raises(TrainingError, match="bidirectional attention"):
         sdpa_per_sample(encoder, q, k, v, None, cu_seq_lens_q=cu_seq_lens(LENGTHS))
+    with pytest.raises(TrainingError, match="bidirectional attention"):
+        sdpa_per_sample(Attention(), q, k, v, None, cu_seq_lens_q=cu_seq_lens(LENGTHS), is_causal=False)
 
 
 def run_config(**overrides) -> TrainConfig:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ from safetensors.torch import load_file
 from mftcoder.cli import main
 from mftcoder.config import dump_config
 from mftcoder.run_config import validate_mapping
+from mftcoder.training.cpu_allocator import applies
 
 pytestmark = pytest.mark.dist
 
@@ -117,6 +120,8 @@ def test_two_cpu_processes_train_as_one_ddp_run(ddp_run):
     assert info["distributed_type"] == "MULTI_CPU"
     assert info["global_batch_size"] == 4
     assert info["deepspeed"] is False
+    if applies(os.environ, platform.libc_ver()[0]):  # the ranks inherit this environment
+        assert info["cpu_allocator"] == {"mmap_threshold": 1 << 30, "trim_threshold": 1 << 30}
 
     records = _train_records(out)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))

@@ -48,7 +48,7 @@ TINY = {
 def tiny_model(model_type: str):
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **TINY[model_type])
-    attn = attention_implementation(model_type)
+    attn = attention_implementation(model_type, torch.device("cpu"))
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 
 
@@ -132,8 +132,9 @@ def test_family_all_linear_adapts_the_registry_targets_trains_and_merges(model_t
 
 @pytest.mark.unit
 def test_gemma2_auto_attention_is_eager_and_sdpa_is_refused(tmp_path, small_data):
-    assert attention_implementation("gemma2") == "eager"  # no CUDA here, so no flash-attn
-    assert attention_implementation("llama") == "sdpa"
+    cpu = torch.device("cpu")
+    assert attention_implementation("gemma2", cpu) == "eager"  # flash-attn needs CUDA
+    assert attention_implementation("llama", cpu) == "sdpa"
     config = model_dir(tmp_path, "gemma2")
     with pytest.raises(ConfigError) as raised:
         validate(config, small_data, tmp_path, attn_implementation="sdpa")

@@ -19,7 +19,7 @@ from mftcoder.data.sample import Sample
 from mftcoder.data.template import chat_format
 from mftcoder.errors import ConfigError, DataError
 from mftcoder.losses.modes import batch_counts, task_sums, token_coefficients
-from mftcoder.models.attention import FLAT_LAYOUT, PER_SAMPLE_SDPA
+from mftcoder.models.attention import PER_SAMPLE_SDPA
 from mftcoder.models.packing_check import ROWS_TOLERANCE, check_packed_isolation, measure_isolation, rounding_tolerance
 from mftcoder.run_config import load_config
 from mftcoder.training.evaluation import MODEL_INPUTS, forward_token_losses
@@ -226,7 +226,7 @@ def worst_difference(model, rows: list[list[Sample]], batch) -> float:
         start = 0
         for s in row:
             n = len(s.input_ids)
-            alone = logits_of(model, collate_flat([s], 0) if "cu_seq_lens_q" in batch else collate([s], 0))[0]
+            alone = logits_of(model, collate([s], 0))[0]
             worst = max(worst, float((packed[r, start : start + n] - alone).abs().max()))
             start += n
     return worst
@@ -280,12 +280,7 @@ def tiny_family_model(model_type: str, attn: str):
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 
 
-FAMILY_CASES = [
-    (t, a)
-    for t in ISOLATION_VERIFIED
-    for a in ("sdpa", PER_SAMPLE_SDPA, "eager")
-    if not (t == "gemma2" and a != "eager")
-]
+FAMILY_CASES = [(t, a) for t in ISOLATION_VERIFIED for a in ("sdpa", "eager") if not (t == "gemma2" and a == "sdpa")]
 
 
 @pytest.mark.parametrize(("model_type", "attn"), FAMILY_CASES)
@@ -293,11 +288,7 @@ def test_every_verified_family_isolates_packed_samples(model_type, attn):
     model = tiny_family_model(model_type, attn)
     rng = np.random.default_rng(1)
     rows = [[sample(rng.integers(3, 120, n), task=n % 2) for n in lengths] for lengths in ([5, 9, 3], [7, 6])]
-    if attn in FLAT_LAYOUT:
-        flat = [s for row in rows for s in row]
-        assert worst_difference(model, [flat], collate_flat(flat, 0)) < 1e-5
-    else:
-        assert worst_difference(model, rows, collate_packed(rows, 0)) < 1e-5
+    assert worst_difference(model, rows, collate_packed(rows, 0)) < 1e-5
 
 
 def test_a_bin_of_two_tasks_gives_each_task_its_unpacked_loss(chat_and_text_rows):

@@ -30,10 +30,10 @@ PER_SAMPLE_SDPA = "mftcoder_sdpa_per_sample"
 FLAT_LAYOUT = ("flash_attention_2", PER_SAMPLE_SDPA)
 
 
-def attention_implementation(model_type: str) -> str:
-    """What `attn_implementation: auto` picks for a model type: flash-attention-2 where it is installed and can
-    run (CUDA), else sdpa, or eager for families whose sdpa path misbehaves."""
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+def attention_implementation(model_type: str, device: torch.device) -> str:
+    """What `attn_implementation: auto` picks for a model type on `device`: flash-attention-2 where it is
+    installed and can run (CUDA), else sdpa, or eager for families whose sdpa path misbehaves."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     fam = family(model_type)
     return "eager" if fam and fam.no_sdpa else "sdpa"
@@ -47,7 +47,7 @@ def resolve_attention(config: TrainConfig, device: torch.device) -> str:
         model_config = AutoConfig.from_pretrained(
             config.pretrained_model_path, trust_remote_code=config.trust_remote_code
         )
-        chosen = attention_implementation(model_config.model_type)
+        chosen = attention_implementation(model_config.model_type, device)
     packed = config.padding_mode == "pack" and config.training_stage == "sft"
     if chosen == "sdpa" and packed and device.type == "cpu" and not config.trust_remote_code:
         return PER_SAMPLE_SDPA
@@ -79,7 +79,7 @@ def sdpa_per_sample(
     may have fewer heads (grouped-query attention); returns [1, tokens, heads, value dim] like transformers'
     own attention functions."""
     refused = [name for name in ("softcap", "s_aux", "position_bias") if kwargs.get(name) is not None]
-    if refused or not getattr(module, "is_causal", True):
+    if refused or not kwargs.get("is_causal", getattr(module, "is_causal", True)):
         what = ", ".join(refused) or "bidirectional attention"
         raise TrainingError(
             f"{type(module).__name__} needs {what}, which per-sample sdpa does not compute; set "
@@ -91,6 +91,9 @@ def sdpa_per_sample(
             f"attention mask); got {query.shape[0]} rows{', a mask' if attention_mask is not None else ''}"
             f"{'' if cu_seq_lens_q is not None else ', no sequence lengths'}"
         )
+    # Some families (Qwen2-MoE) keep the window on their sliding layers instead of passing it.
+    if sliding_window is None:
+        sliding_window = getattr(module, "sliding_window", None)
     gqa = key.shape[1] != query.shape[1]
     bounds = cu_seq_lens_q.tolist()  # on the CPU: no device to wait for
     lengths = [end - start for start, end in pairwise(bounds)]

@@ -3,8 +3,8 @@
 Validation judges pack mode by the family of a local model directory only: a hub id it could not read, or remote
 modelling code (`trust_remote_code`) that builds its own causal mask, would reach training unchecked, and a family name
 says nothing certain about the class and attention implementation that really load. Isolation is behaviour: the
-attention takes the block-diagonal mask from the restarting position ids (in the flat layout of flash-attention-2, from
-the sequence lengths). So before the first step a probe sample C runs in the layout training uses, packed after a
+attention takes the block-diagonal mask from the restarting position ids (in the flat layout of flash-attention-2
+and of sdpa per sample, from the sequence lengths). So before the first step a probe sample C runs in the layout training uses, packed after a
 sample A in one row and after a different sample B in another (a model may mask rows of a batch differently from a
 single row), and alone. Its logits may differ by rounding only: the packed and the single forward have other shapes,
 which may take other kernels. A leak moves them by a good part of their size (C attends to 32 foreign tokens, or its
@@ -27,6 +27,7 @@ from peft import PeftModel
 from mftcoder.data.batching import MODEL_INPUTS, collate_flat, collate_packed, to_device
 from mftcoder.data.sample import Sample
 from mftcoder.errors import ConfigError, Issue
+from mftcoder.models.attention import PER_SAMPLE_SDPA
 
 LEADING, PROBE = 32, 16  # tokens of the samples A and B, and of the probe sample C
 _PROBE_SEED = 0x49534F4C
@@ -113,8 +114,8 @@ def _largest_over_ranks(isolation: Isolation, device: torch.device) -> Isolation
 
 def check_packed_isolation(model, flat: bool, dtype: torch.dtype, device: torch.device) -> float:
     """The probe's difference from C alone (`measure_isolation`, worst over the ranks); a ConfigError naming
-    the fix when it is more than rounding, or when C moves between rows. `flat`: the layout of
-    flash-attention-2; `dtype`: the compute dtype."""
+    the fix when it is more than rounding, or when C moves between rows. `flat`: the flat layout
+    (models/attention.py FLAT_LAYOUT); `dtype`: the compute dtype."""
     isolation = _largest_over_ranks(measure_isolation(model, flat, device), device)
     tolerance = rounding_tolerance(dtype)
     if isolation.alone <= tolerance and isolation.rows <= ROWS_TOLERANCE:  # NaN logits fail too
@@ -131,6 +132,8 @@ def check_packed_isolation(model, flat: bool, dtype: torch.dtype, device: torch.
         )
     base = _transformers_model(model)
     implementation = base.config._attn_implementation
+    if implementation == PER_SAMPLE_SDPA:
+        implementation = "sdpa"  # what the config says; it attends per sample on the CPU
     remote = type(base).__module__.startswith("transformers_modules")  # where transformers puts remote code
     fixes = ["padding_mode: padding"]
     if remote:

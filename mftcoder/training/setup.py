@@ -36,7 +36,7 @@ def set_up(config: TrainConfig, accelerator, checkpointer: Checkpointer) -> Run:
     is written, and writes nothing until the data has loaded, so that a bad record leaves no half-started run."""
     info = run_info(accelerator, config)
     if accelerator.device.type == "cpu":
-        info["cpu_allocator_keeps_freed_memory"] = keep_freed_memory()
+        info["cpu_allocator"] = keep_freed_memory()
     resume = resume_point(config, accelerator)
     if resume is not None:
         info["resumed_from"] = str(resume.checkpoint)
